@@ -1,0 +1,25 @@
+# The two commands a user needs: `make serve` and `make test`. Each sets up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test serve install clean
+
+$(STAMP): pyproject.toml constraints.txt sdk/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ./sdk -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+serve: $(STAMP)
+	@$(VENV)/bin/prsmed serve --help >/dev/null 2>&1 || { echo "the service is not part of this version yet; see README.md"; exit 1; }
+	$(VENV)/bin/prsmed serve
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,119 @@
+"""The ``prsmed`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prsmed.components import ComponentError
+
+app = typer.Typer(help="PRS-Med: position-reasoning segmentation in medical imaging.", no_args_is_help=True)
+plugins_app = typer.Typer(help="Installed plugins and their components.", no_args_is_help=True)
+zoo_app = typer.Typer(help="Named model presets.", no_args_is_help=True)
+convert_app = typer.Typer(help="Convert checkpoints from other layouts.", no_args_is_help=True)
+app.add_typer(plugins_app, name="plugins")
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(convert_app, name="convert")
+
+console = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@plugins_app.command("list")
+def plugins_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Each plugin's name, version, source distribution and components."""
+    from prsmed.registry import get_registry
+
+    plugins = get_registry().plugins()
+    if as_json:
+        rows = [
+            {"name": p.name, "version": p.version, "distribution": p.distribution, "builtin": p.builtin, "components": p.components}
+            for p in plugins
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("plugin", "version", "distribution", "components")
+    for p in plugins:
+        table.add_row(p.name, p.version, p.distribution + (" (built-in)" if p.builtin else ""), "\n".join(p.components))
+    console.print(table)
+
+
+@zoo_app.command("list")
+def zoo_list(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 'prsmed-*7b'.")) -> None:
+    """The zoo's presets."""
+    from prsmed.zoo import PRESETS, list_presets
+
+    table = Table("name", "revision", "description")
+    for name in list_presets(pattern):
+        p = PRESETS[name]
+        table.add_row(name, p.spec.revision, p.description)
+    console.print(table)
+
+
+@zoo_app.command("show")
+def zoo_show(name: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Parameter counts per component, computed without loading weights."""
+    from prsmed.zoo import describe
+
+    try:
+        info = describe(name)
+    except ComponentError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    console.print(f"[bold]{info['name']}[/bold] (revision {info['revision']}): {info['description']}")
+    table = Table("component", "name", "parameters", "trainable")
+    by = info["params"]["by_component"]
+    spec = info["spec"]
+    for comp, c in by.items():
+        label = spec[comp]["name"] if comp in spec and isinstance(spec[comp], dict) else ""
+        extra = f" (LoRA {c['lora']:,})" if "lora" in c else ""
+        table.add_row(comp, label, f"{c['total']:,}", f"{c['trainable']:,}{extra}")
+    table.add_row("total", "", f"{info['params']['total']:,}", f"{info['params']['trainable']:,}")
+    console.print(table)
+    for w in info["weights"]:
+        console.print(f"weights for {w['component']}: {w['path']} ({'present' if w['present'] else 'missing'})")
+
+
+@convert_app.command("llava-med")
+def convert_llava_med(
+    src: Path = typer.Argument(..., help="A LLaVA-Med v1.5 checkpoint in its original layout (model_type llava_mistral)."),
+    dst: Path = typer.Argument(..., help="Where to write the transformers-layout checkpoint."),
+    vision_tower: Optional[Path] = typer.Option(
+        None, "--vision-tower", help="Local CLIP tower directory (default: the one named in the source config)."
+    ),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="Directory with a tokenizer.json, when SRC has only the SentencePiece model."
+    ),
+) -> None:
+    """Convert an original-layout LLaVA-Med checkpoint into transformers' LLaVA layout."""
+    from prsmed_plugins.llms.convert_llava_med import convert_llava_med as convert
+
+    try:
+        convert(src, dst, vision_tower_dir=vision_tower, tokenizer_dir=tokenizer)
+    except (ComponentError, ValueError, OSError) as e:
+        _fail(str(e))
+    console.print(f"wrote {dst}")
+
+
+def main() -> None:
+    try:
+        app()
+    except ComponentError as e:  # a clear message, not a traceback
+        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The adapter bundle: one directory holding everything a fine-tuning run changed.
+
+Layout (the Hub repository is this directory)::
+
+    adapter_manifest.json          format version, base model, components, LoRA and training config, metrics,
+                                   SHA-256 of every other file, intended-use notice
+    lora/adapter_config.json       PEFT format, loadable with plain peft on the base LLM
+    lora/adapter_model.safetensors
+    vision_encoder.safetensors     trained non-LoRA parts (present when they were trained)
+    fusion_head.safetensors
+    modality_head.safetensors
+    README.md                      model card
+
+Loading verifies every hash and that the bundle was made for this base model before any weight is touched.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import prsmed
+from prsmed.model.spec import LoraSpec, ModelSpec
+from prsmed.weights import CheckpointError, check_fits, read_state_dict, write_state_dict
+
+FORMAT_VERSION = 1
+MANIFEST = "adapter_manifest.json"
+INTENDED_USE = (
+    "Research use only. Not a medical device and not for diagnosis or treatment decisions. Outputs (masks and "
+    "position descriptions) can be wrong and must be reviewed by a qualified clinician."
+)
+PARTS = ("vision_encoder", "fusion_head", "modality_head")
+
+
+class BundleError(ValueError):
+    """A bundle is unreadable, tampered with, or made for another base model."""
+
+
+class BaseModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    revision: str
+    fingerprint: str
+
+
+class AdapterManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    prsmed_version: str = prsmed.__version__
+    created_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    base: BaseModelRef
+    spec: dict[str, Any]
+    lora: LoraSpec | None
+    parts: list[str]
+    training: dict[str, Any] = Field(default_factory=dict)
+    data_manifest_sha256: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str]
+    intended_use: str = INTENDED_USE
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _model_card(manifest: AdapterManifest) -> str:
+    metrics = "\n".join(f"| {k} | {v} |" for k, v in sorted(manifest.metrics.items())) or "| (none recorded) | |"
+    training = json.dumps(manifest.training, indent=2, sort_keys=True) if manifest.training else "{}"
+    return f"""---
+library_name: peft
+base_model: {manifest.base.name}
+tags: [prsmed, medical, segmentation, lora]
+license: apache-2.0
+---
+
+# PRS-Med adapter for `{manifest.base.name}` (revision {manifest.base.revision})
+
+Position-reasoning segmentation: given a medical image and a question, the model answers where the lesion is and
+returns its mask. This bundle holds a LoRA adapter for the LLM and the trained vision encoder / fusion head.
+
+## Intended use
+{manifest.intended_use}
+
+## Metrics
+| metric | value |
+|---|---|
+{metrics}
+
+## Training configuration
+```json
+{training}
+```
+
+## Loading
+```python
+from prsmed.zoo import build_model
+from prsmed.model.bundle import load_bundle
+model = build_model("{manifest.base.name}")
+load_bundle("path/to/this/bundle", model)
+```
+The `lora/` folder is a plain PEFT adapter for the base LLM (`PeftModel.from_pretrained(llm, "lora")`).
+"""
+
+
+def save_bundle(
+    model,
+    out_dir: str | Path,
+    *,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    data_manifest_sha256: str | None = None,
+    overwrite: bool = False,
+) -> AdapterManifest:
+    """Write ``model``'s trained parts as a bundle. The directory appears whole or not at all."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise BundleError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    spec: ModelSpec = model.spec
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        if model.peft_model is not None and spec.train.lora:
+            model.peft_model.save_pretrained(str(tmp / "lora"), safe_serialization=True)
+        parts = []
+        for part in PARTS:
+            module = getattr(model, part)
+            if module is None or not getattr(spec.train, part):
+                continue
+            write_state_dict(module.state_dict(), tmp / f"{part}.safetensors", metadata={"prsmed_part": part})
+            parts.append(part)
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = AdapterManifest(
+            base=BaseModelRef(name=spec.name, revision=spec.revision, fingerprint=spec.fingerprint()),
+            spec=spec.model_dump(mode="json"),
+            lora=spec.lora if spec.train.lora else None,
+            parts=parts,
+            training=training or {},
+            data_manifest_sha256=data_manifest_sha256,
+            metrics=metrics or {},
+            files=files,
+        )
+        (tmp / "README.md").write_text(_model_card(manifest))
+        manifest.files["README.md"] = sha256_file(tmp / "README.md")
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+        _fsync_tree(tmp)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(bundle_dir: str | Path) -> AdapterManifest:
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} is not an adapter bundle: {MANIFEST} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e}); the bundle may be half-written") from e
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {version!r} is not supported (this prsmed reads {FORMAT_VERSION})")
+    try:
+        return AdapterManifest.model_validate(raw)
+    except ValidationError as e:
+        raise BundleError(f"{path} does not follow the manifest schema: {e}") from e
+
+
+def verify_bundle(bundle_dir: str | Path) -> AdapterManifest:
+    """Check every listed file's SHA-256, and that no weight file is present that the manifest does not list."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    problems = []
+    for rel, expected in manifest.files.items():
+        path = bundle_dir / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            problems.append(f"{rel}: path escapes the bundle")
+        elif not path.is_file():
+            problems.append(f"{rel}: listed in the manifest but missing")
+        elif (found := sha256_file(path)) != expected:
+            problems.append(f"{rel}: SHA-256 {found[:12]}… but the manifest says {expected[:12]}…")
+    for path in bundle_dir.rglob("*.safetensors"):
+        rel = path.relative_to(bundle_dir).as_posix()
+        if rel not in manifest.files:
+            problems.append(f"{rel}: weight file not listed in the manifest")
+    if problems:
+        raise BundleError(f"bundle {bundle_dir} failed verification (tampered or incomplete): " + "; ".join(problems))
+    return manifest
+
+
+def load_bundle(bundle_dir: str | Path, model) -> AdapterManifest:
+    """Verify ``bundle_dir`` and load it into ``model``; nothing is loaded if any check fails."""
+    bundle_dir = Path(bundle_dir)
+    manifest = verify_bundle(bundle_dir)
+    spec: ModelSpec = model.spec
+    if manifest.base.fingerprint != spec.fingerprint():
+        raise BundleError(
+            f"bundle {bundle_dir} was trained on base model {manifest.base.name!r} (revision {manifest.base.revision}, "
+            f"fingerprint {manifest.base.fingerprint}) but this model is {spec.name!r} (revision {spec.revision}, "
+            f"fingerprint {spec.fingerprint()}); load it on the model it was made for"
+        )
+    if manifest.lora is not None:
+        if model.peft_model is None:
+            raise BundleError(f"bundle {bundle_dir} carries a LoRA adapter but this model was built without LoRA")
+        if manifest.lora != spec.lora:
+            raise BundleError(
+                f"bundle {bundle_dir} LoRA config {manifest.lora.model_dump()} differs from this model's "
+                f"{spec.lora.model_dump() if spec.lora else None}"
+            )
+    states = {part: read_state_dict(bundle_dir / f"{part}.safetensors") for part in manifest.parts}
+    lora_state = read_state_dict(bundle_dir / "lora" / "adapter_model.safetensors") if manifest.lora else None
+    # Check everything fits before loading anything, so a bad bundle leaves the model as it was.
+    for part, state in states.items():
+        module = getattr(model, part)
+        if module is None:
+            raise BundleError(f"bundle {bundle_dir} has weights for {part} but this model has none")
+        try:
+            check_fits(module, state, source=f"{bundle_dir}/{part}.safetensors")
+        except CheckpointError as e:
+            raise BundleError(str(e)) from e
+    if lora_state is not None:
+        _check_lora(model, lora_state, source=str(bundle_dir / "lora"))
+    for part, state in states.items():
+        getattr(model, part).load_state_dict(state, strict=True)
+    if lora_state is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model.peft_model, lora_state)
+    return manifest
+
+
+def _check_lora(model, state: dict, *, source: str) -> None:
+    from peft.utils import get_peft_model_state_dict
+
+    own = get_peft_model_state_dict(model.peft_model)
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or extra or wrong:
+        raise BundleError(
+            f"{source}: LoRA weights do not fit this model ({len(missing)} missing, e.g. {missing[:2]}; "
+            f"{len(extra)} unexpected, e.g. {extra[:2]}; {len(wrong)} of another shape, e.g. {wrong[:2]})"
+        )

@@ -1,0 +1,139 @@
+"""Named model presets: one architecture, three sizes.
+
+A preset is a :class:`ModelSpec` plus the weight files it needs. Weight locations are resolved when a model is
+built, never when it is listed, so any preset can be described (and built on the meta device) offline.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prsmed.model.spec import ComponentRef, LoraSpec, ModelSpec
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def weights_home() -> Path:
+    """Where large official weights are looked for: ``$PRSMED_HOME/weights`` (default ``~/.cache/prsmed``)."""
+    return Path(os.environ.get("PRSMED_HOME", Path.home() / ".cache" / "prsmed")) / "weights"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """A file or directory a preset needs, and how a user gets it."""
+
+    kind: str  # the component it feeds
+    option: str  # the component option that receives its path
+    relpath: str  # under weights_home()
+    how: str  # what to download and run to produce it
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    spec: ModelSpec
+    description: str
+    weights: tuple[WeightFile, ...] = ()
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_LLAVA_MED_HOW = (
+    "download microsoft/llava-med-v1.5-mistral-7b and openai/clip-vit-large-patch14-336, then run "
+    "`prsmed convert llava-med <llava-med dir> {path} --vision-tower <clip dir>`"
+)
+_TINYSAM_HOW = (
+    "download tinysam_42.3.pth from the TinySAM releases (github.com/xinghaochen/TinySAM, release 3.0) to {path}"
+)
+
+_TINY = ModelSpec(
+    name="prsmed-tiny",
+    revision="1",
+    vision_encoder=ComponentRef(
+        name="tinysam",
+        options={
+            "img_size": 256,
+            "embed_dims": [24, 48, 64, 96],
+            "depths": [1, 1, 2, 1],
+            "num_heads": [1, 2, 2, 3],
+            "window_sizes": [7, 7, 14, 7],
+            "out_channels": 64,
+        },
+    ),
+    llm=ComponentRef(name="llava", options={"preset": "tiny"}),
+    fusion_head=ComponentRef(
+        name="prsmed",
+        options={
+            "prompt_dim": 64,
+            "image_dim": 64,
+            "hidden_dim": 128,
+            "cross_heads": 4,
+            "encoder_heads": 4,
+            "ffn_dim": 128,
+        },
+    ),
+    lora=LoraSpec(r=8, alpha=8, dropout=0.05),
+)
+
+_LLAVA_MED_7B = ComponentRef(name="llava", options={"preset": "llava-med-v1.5-mistral-7b", "dtype": "bfloat16"})
+
+_PAPER = ModelSpec(
+    name="prsmed-llava-med-7b",
+    revision="1",
+    vision_encoder=ComponentRef(name="tinysam", options={}),
+    llm=_LLAVA_MED_7B,
+    fusion_head=ComponentRef(name="prsmed", options={"prompt_dim": 4096, "image_dim": 256}),
+    lora=LoraSpec(r=16, alpha=16, dropout=0.05),
+)
+
+_SAM_VIT_B = ModelSpec(
+    name="prsmed-sam-vit-b",
+    revision="1",
+    vision_encoder=ComponentRef(name="sam-vit", options={}),
+    llm=_LLAVA_MED_7B,
+    fusion_head=ComponentRef(name="prsmed", options={"prompt_dim": 4096, "image_dim": 256}),
+    lora=LoraSpec(r=16, alpha=16, dropout=0.05),
+)
+
+_LLAVA_WEIGHTS = WeightFile("llm", "pretrained", "llava-med-v1.5-mistral-7b-hf", _LLAVA_MED_HOW)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "prsmed-tiny",
+            _TINY,
+            "The paper's architecture at small widths (TinyViT encoder, tiny LLaVA, PRS-Med head); runs on any CPU.",
+            tags=("tiny", "cpu"),
+        ),
+        Preset(
+            "prsmed-llava-med-7b",
+            _PAPER,
+            "The paper's model: TinySAM vit_t at 1024, LLaVA-Med v1.5 Mistral-7B with LoRA r16, PRS-Med head.",
+            weights=(WeightFile("vision_encoder", "checkpoint", "tinysam_42.3.pth", _TINYSAM_HOW), _LLAVA_WEIGHTS),
+            tags=("paper", "gpu"),
+        ),
+        Preset(
+            "prsmed-sam-vit-b",
+            _SAM_VIT_B,
+            "SAM ViT-B (transformers SamVisionModel) instead of TinySAM, LLaVA-Med v1.5 7B, PRS-Med head.",
+            weights=(
+                WeightFile(
+                    "vision_encoder",
+                    "pretrained",
+                    "sam-vit-base",
+                    "download facebook/sam-vit-base (transformers format) to {path}",
+                ),
+                _LLAVA_WEIGHTS,
+            ),
+            tags=("gpu",),
+        ),
+    )
+}
+
+
+def list_presets(pattern: str = "*") -> list[str]:
+    """Preset names matching a shell-style ``pattern`` (``"prsmed-*7b"``)."""
+    return sorted(n for n in PRESETS if fnmatch.fnmatch(n, pattern))
