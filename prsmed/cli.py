@@ -21,6 +21,21 @@ app.add_typer(plugins_app, name="plugins")
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(convert_app, name="convert")
 
+
+def _mount_commands() -> None:
+    # Each family's commands live beside the code they drive; importing them is cheap (no torch at import).
+    from prsmed.data.cli import data_app
+    from prsmed.eval.cli import eval_command, eval_masks_command
+    from prsmed.train.cli import train
+
+    app.add_typer(data_app, name="data")
+    app.command("train")(train)
+    app.command("eval")(eval_command)
+    app.command("eval-masks")(eval_masks_command)
+
+
+_mount_commands()
+
 console = Console()
 
 
@@ -84,6 +99,30 @@ def zoo_show(name: str, as_json: bool = typer.Option(False, "--json", help="Prin
     console.print(table)
     for w in info["weights"]:
         console.print(f"weights for {w['component']}: {w['path']} ({'present' if w['present'] else 'missing'})")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    name: str = typer.Argument(..., help="The preset to build; only prsmed-tiny has a recipe."),
+    work_dir: Path = typer.Option(Path("runs/prsmed-tiny-recipe"), "--work-dir", help="Data and checkpoints go here."),
+    assets: Optional[Path] = typer.Option(
+        None, "--assets", help="Where to write the weights (default: the installed package's assets)."
+    ),
+    epochs: int = typer.Option(4, "--epochs", min=1),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
+    n_images: int = typer.Option(3000, "--n-images", min=60),
+) -> None:
+    """Rebuild a preset's shipped weights from scratch (synthetic data, tower stage, joint stage)."""
+    import logging
+
+    from prsmed.zoo.recipe import RecipeConfig, build_tiny
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if name != "prsmed-tiny":
+        _fail(f"only prsmed-tiny has a build recipe; {name!r} uses published weights (see `prsmed zoo show {name}`)")
+    summary = build_tiny(work_dir, RecipeConfig(epochs=epochs, max_steps=max_steps, n_images=n_images),
+                         assets_dir=assets)
+    console.print_json(json.dumps(summary, default=str))
 
 
 @convert_app.command("llava-med")

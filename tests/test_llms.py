@@ -79,7 +79,7 @@ def test_llava_registered_with_contract(llava):
     assert {"llm/llava", "llm/hf-causal-lm"} <= {s.id for s in get_registry().list_components("llm")}
     expected = get_registry().contract("llm", "llava")
     assert llava.contract == expected
-    assert expected == LLMContract(hidden_size=64, vocab_size=768, image_size=48, image_tokens=36)
+    assert expected == LLMContract(hidden_size=64, vocab_size=768, image_size=96, image_tokens=144)
     with pytest.raises(ComponentError, match="Accepted options: pretrained, config, preset, dtype"):
         create_component("llm", "llava", presets="tiny")
     with pytest.raises(ComponentError, match="only one of"):
@@ -92,7 +92,7 @@ def test_llava_encode_labels_only_on_answers(llava):
     answers = ["The tumour is in the top left of the image.", "center"]
     inputs = llava.encode(prompts, images(), answers=answers)
     n_img = llava.contract.image_tokens
-    assert inputs.pixel_values.shape == (2, 3, 48, 48)
+    assert inputs.pixel_values.shape == (2, 3, 96, 96)
     for row in range(2):
         ids, mask, labels = inputs.input_ids[row], inputs.attention_mask[row], inputs.labels[row]
         real = ids[mask.bool()].tolist()

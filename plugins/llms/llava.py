@@ -62,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "vision_config": {
             "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "image_size": 48, "patch_size": 8, "projection_dim": 32,
+            "num_attention_heads": 4, "image_size": 96, "patch_size": 8, "projection_dim": 32,
         },
         "text_config": {
             "model_type": "mistral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -71,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
         },
         "image_token_index": 3,
-        "image_seq_length": 36,
+        "image_seq_length": 144,
         "projector_hidden_act": "gelu",
         "vision_feature_layer": -2,
         "vision_feature_select_strategy": "default",

@@ -17,7 +17,6 @@ Loading verifies every hash and that the bundle was made for this base model bef
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import prsmed
+from prsmed.fileio import fsync_tree, sha256_file
 from prsmed.model.spec import LoraSpec, ModelSpec
 from prsmed.weights import CheckpointError, check_fits, read_state_dict, write_state_dict
 
@@ -65,21 +65,6 @@ class AdapterManifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str]
     intended_use: str = INTENDED_USE
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def _model_card(manifest: AdapterManifest) -> str:
@@ -161,7 +146,7 @@ def save_bundle(
         (tmp / "README.md").write_text(_model_card(manifest))
         manifest.files["README.md"] = sha256_file(tmp / "README.md")
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out_dir, old)

@@ -119,7 +119,7 @@ class PRSMedModel(nn.Module):
     def set_trainable(self) -> None:
         train = self.spec.train
         for p in self.llm.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(train.llm)
         if self.peft_model is not None and train.lora:
             for n, p in self.llm.named_parameters():
                 if "lora_" in n:

@@ -44,6 +44,9 @@ class TrainSpec(BaseModel):
     fusion_head: bool = True
     lora: bool = True
     modality_head: bool = True
+    # Every LLM parameter, tower and projector included: only for pretraining a base from scratch (the tiny
+    # preset's recipe). Fine-tuning a pretrained base uses LoRA instead.
+    llm: bool = False
 
 
 class ModelSpec(BaseModel):

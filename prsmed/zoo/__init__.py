@@ -10,6 +10,7 @@ import torch
 from prsmed.components import ComponentError
 from prsmed.model.prsmed_model import PRSMedModel
 from prsmed.model.spec import ModelSpec
+from prsmed.weights import load_strict, read_state_dict
 from prsmed.zoo.presets import ASSETS, PRESETS, Preset, list_presets, weights_home
 
 __all__ = ["PRESETS", "Preset", "WeightsMissing", "build_model", "describe", "get_preset", "list_presets", "resolve_spec"]
@@ -46,7 +47,7 @@ def resolve_spec(name: str, *, weights: bool = True) -> ModelSpec:
             f"Put them here (or set PRSMED_HOME to the folder holding weights/):\n" + "\n".join(missing)
         )
     shipped = ASSETS / name
-    for kind in ("vision_encoder", "fusion_head"):
+    for kind in ("vision_encoder", "llm", "fusion_head"):
         path = shipped / f"{kind}.safetensors"
         if path.exists():
             getattr(spec, kind).options["checkpoint"] = str(path)
@@ -58,7 +59,12 @@ def build_model(name_or_spec: str | ModelSpec, *, weights: bool = True, device: 
     ``device="meta"`` nothing is even allocated."""
     spec = name_or_spec if isinstance(name_or_spec, ModelSpec) else resolve_spec(name_or_spec, weights=weights)
     with torch.device(device):
-        return PRSMedModel(spec)
+        model = PRSMedModel(spec)
+    # The modality head is no registry component, so its shipped weights are loaded here.
+    head = ASSETS / spec.name / "modality_head.safetensors"
+    if weights and isinstance(name_or_spec, str) and model.modality_head is not None and head.exists():
+        load_strict(model.modality_head, read_state_dict(head), source=str(head))
+    return model
 
 
 def describe(name: str) -> dict[str, Any]:

@@ -54,7 +54,7 @@ _TINY = ModelSpec(
     vision_encoder=ComponentRef(
         name="tinysam",
         options={
-            "img_size": 256,
+            "img_size": 128,
             "embed_dims": [24, 48, 64, 96],
             "depths": [1, 1, 2, 1],
             "num_heads": [1, 2, 2, 3],

@@ -1,0 +1,1 @@
+"""Evaluation: the paper's segmentation protocol, fixed-threshold metrics, zones and text metrics."""

@@ -1,0 +1,126 @@
+"""The training configuration: one pydantic model, validated at the edge (CLI, service, Python)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Provisional on-demand prices in USD per GPU-hour, used only by ``--max-cost`` with ``--gpu`` until the planner's
+# GPU catalogue exists. Rough mid-points of the ranges in the cloud-training guide; pass ``--usd-per-hour`` for your
+# real price.
+GPU_USD_PER_HOUR: dict[str, float] = {
+    "t4": 0.40,
+    "v100": 0.65,
+    "rtx3090": 0.45,
+    "rtx4090": 0.70,
+    "a6000": 0.80,
+    "rtx6000-ada": 1.10,
+    "l4": 0.60,
+    "a10g": 1.00,
+    "a100-40gb": 1.30,
+    "a100-80gb": 1.80,
+    "h100": 2.50,
+    "h200": 3.50,
+}
+
+# Fields that may differ between a run and its resumption: they bound or observe the run but do not change what
+# it computes. Everything else must match the checkpoint, or the resumed run would not be the same run.
+RESUMABLE_OVERRIDES = frozenset(
+    {
+        "out", "data", "resume", "save_every", "keep_last", "max_hours", "max_cost", "gpu", "usd_per_hour",
+        "on_finish", "stop_after", "progress", "tensorboard", "log_every", "num_workers", "device",
+        "early_stop_patience", "adapter_weights",
+    }
+)
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs. Defaults are the paper's recipe (PRSMED.md section 3)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # what and where
+    model: str = Field(description="zoo name (see `prsmed zoo list`) or a path to a ModelSpec JSON file")
+    data: Path = Field(description="dataset root in the PRS-Med layout")
+    out: Path = Field(description="run directory: checkpoints, metrics, TensorBoard events, final adapter")
+
+    # the recipe
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(8, gt=0, description="per process")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-6, ge=0, description="cosine floor (eta_min)")
+    weight_decay: float = Field(1e-5, ge=0)
+    adam_eps: float = Field(1e-6, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
+    seed: int = 42
+    max_steps: int | None = Field(None, gt=0, description="cap on optimizer steps; the cosine then ends there")
+
+    # losses
+    seg_weight: float = Field(1.0, ge=0)
+    lm_weight: float = Field(1.0, ge=0)
+    dice_weight: float = Field(0.0, ge=0)
+    cls_weight: float = Field(0.5, ge=0)
+    cls_epochs: int = Field(5, ge=0)
+
+    # precision and memory
+    precision: Precision = "auto"
+    grad_checkpointing: bool = False
+    cast_frozen: bool = Field(True, description="store the frozen base LLM in the low-precision dtype")
+
+    # validation and early stopping
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="held out of train when the data has no val split")
+    val_max_samples: int | None = Field(None, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="also evaluate every N steps (always at epoch ends)")
+    early_stop_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
+    early_stop_min_delta: float = Field(0.0, ge=0)
+
+    # checkpoints
+    save_every: int | None = Field(None, gt=0, description="steps between checkpoints (and always at epoch ends)")
+    keep_last: int = Field(3, gt=0)
+    resume: bool = False
+    adapter_weights: Literal["best", "last"] = Field("best", description="weights for RUN/adapter when validated")
+
+    # budget and lifecycle
+    max_hours: float | None = Field(None, gt=0)
+    max_cost: float | None = Field(None, gt=0, description="USD")
+    gpu: str | None = None
+    usd_per_hour: float | None = Field(None, gt=0)
+    on_finish: str | None = None
+    stop_after: int | None = Field(None, gt=0, description="stop resumably after N steps of this invocation")
+
+    # plumbing
+    device: str = "auto"
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(1, gt=0)
+    progress: bool = True
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.gpu is not None and self.gpu.lower() not in GPU_USD_PER_HOUR:
+            known = ", ".join(sorted(GPU_USD_PER_HOUR))
+            raise ValueError(f"unknown --gpu {self.gpu!r}; known: {known} (or pass --usd-per-hour)")
+        if self.max_cost is not None and self.usd_per_hour is None and self.gpu is None:
+            raise ValueError("--max-cost needs a price: pass --usd-per-hour X or --gpu NAME")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+    def hourly_cost(self, world_size: int = 1) -> float | None:
+        """USD per hour of this run: ``usd_per_hour`` as given (the whole run's price), else the ``--gpu`` price
+        times the number of processes (one GPU each)."""
+        if self.usd_per_hour is not None:
+            return self.usd_per_hour
+        if self.gpu is not None:
+            return GPU_USD_PER_HOUR[self.gpu.lower()] * world_size
+        return None
+
+    def recipe(self) -> dict:
+        """The fields that define what the run computes (compared on resume)."""
+        return self.model_dump(mode="json", exclude=set(RESUMABLE_OVERRIDES))

@@ -1,0 +1,1050 @@
+"""The training loop: LoRA fine-tuning of a composite PRS-Med model, resumable at the exact step.
+
+One optimizer step = ``grad_accum`` micro-batches, each one LLM forward (the composite model feeds the same pass to
+the LM loss and, masked to the prompt tokens, to the fusion head). Several processes (``torchrun``) split each
+epoch's batches by rank and average gradients with one all-reduce per optimizer step; only rank 0 writes files.
+
+Exit statuses (:data:`EXIT_CODES`): 0 completed / early-stopped / budget exhausted, 75 preempted or paused (a
+checkpoint was written; rerun with ``--resume``), 1 failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prsmed.train.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    CheckpointWriteError,
+    capture_rng,
+    restore_rng,
+)
+from prsmed.train.config import TrainConfig
+from prsmed.train.data import (
+    Batch,
+    EpochBatches,
+    RecordDataset,
+    batches_per_epoch,
+    collate,
+    make_loader,
+    split_records,
+)
+from prsmed.train.losses import LossWeights, soft_dice, total_loss
+from prsmed.weights import CheckpointError
+
+log = logging.getLogger("prsmed.train")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped with a checkpoint, rerun with --resume
+EXIT_CODES = {
+    "completed": EXIT_OK,
+    "early_stopped": EXIT_OK,
+    "budget_exhausted": EXIT_OK,
+    "preempted": EXIT_PREEMPTED,
+    "paused": EXIT_PREEMPTED,
+    "failed": EXIT_FAILED,
+}
+# Stop requests, ordered so the all-reduced maximum is the most important one.
+_STOPS = ("", "paused", "budget_exhausted", "preempted")
+# Loss parts averaged across processes for logging.
+_PARTS = ("loss", "loss_seg", "loss_bce", "loss_iou", "loss_dice", "loss_lm", "loss_cls", "cls_weight")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or continue; the message says what was expected and what was found."""
+
+
+@dataclass
+class RunResult:
+    status: str
+    exit_code: int
+    reason: str = ""
+    step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    adapter: Path | None = None
+    bad_rows: int = 0
+
+
+# --- processes --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    """This process's place among ``world_size`` (set by torchrun through RANK / WORLD_SIZE / LOCAL_RANK)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                   int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def init(self, device: torch.device) -> None:
+        if self.active and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+
+    def close(self) -> None:
+        if self.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.active:
+            ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+            torch.distributed.all_reduce(t, op=ops[op])
+        return t
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not self.active:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
+        if self.active:
+            for t in tensors:
+                torch.distributed.broadcast(t, src=0)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str, dist: Dist) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{dist.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{dist.local_rank}")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def build_from_name(name: str):
+    """A zoo preset by name, or a model described by a ModelSpec JSON file."""
+    from prsmed.zoo import build_model
+
+    path = Path(name)
+    if path.suffix == ".json" and path.is_file():
+        from prsmed.model.spec import ModelSpec
+
+        return build_model(ModelSpec.model_validate_json(path.read_text()))
+    return build_model(name)
+
+
+def load_dataset(root: Path) -> list[Any]:
+    from prsmed.data.layout import load_records
+
+    return list(load_records(root))
+
+
+def data_manifest(records: Sequence[Any]) -> str:
+    """The data layer's content hash of the rows whose files exist (unreadable rows are skipped in training, and
+    must not make the hash itself fail)."""
+    from prsmed.data.layout import manifest_sha256
+
+    present = [r for r in records if Path(r.image_path).is_file() and Path(r.mask_path).is_file()]
+    return manifest_sha256(present)
+
+
+# --- what a run reports -----------------------------------------------------------------------------------------
+
+class RunLog:
+    """``metrics.jsonl``, TensorBoard events and the progress bar. Inert unless ``enabled`` (rank 0)."""
+
+    def __init__(self, out: Path, *, enabled: bool, tensorboard: bool, progress: bool) -> None:
+        self.path = out / "metrics.jsonl"
+        self.enabled, self.tensorboard, self.progress = enabled, tensorboard, progress
+        self._writer = None
+        self._bar = None
+        self._redirect = None
+
+    def open(self, *, step: int, resumed: bool) -> None:
+        """Start fresh, or after a resume drop what was logged past ``step`` (those steps run again)."""
+        if not self.enabled:
+            return
+        if not resumed:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.path.parent / "tb"), purge_step=step + 1 if resumed else None)
+            except ImportError as e:
+                log.warning("TensorBoard logging is off (%s); install tensorboard to enable it", e)
+
+    def start_progress(self, *, step: int, total: int) -> None:
+        if self.enabled and self.progress:
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+            # Log lines go above the bar instead of through it.
+            consoles = [lg for lg in (logging.getLogger(), logging.getLogger("prsmed"))
+                        if any(type(h) is logging.StreamHandler for h in lg.handlers)]
+            self._redirect = logging_redirect_tqdm(loggers=consoles)
+            self._redirect.__enter__()
+
+    def advance(self, record: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self._writer is not None:
+            prefix = "val" if record.get("kind") == "eval" else "train"
+            for k, v in record.items():
+                if k not in ("kind", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._writer.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+# --- the trainer ------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Train ``config.model`` on ``config.data``; see :meth:`fit`.
+
+    ``model`` and ``records`` may be passed in (a model already built, rows already loaded) instead of being built
+    from the config's zoo name and read from its data directory.
+    """
+
+    def __init__(self, config: TrainConfig, *, model=None, records: Sequence[Any] | None = None) -> None:
+        self.config = config
+        self.out = Path(config.out)
+        self.dist = Dist.from_env()
+        self.device = resolve_device(config.device, self.dist)
+        self.precision = resolve_precision(config.precision, self.device)
+        self._model_arg = model
+        self._records_arg = records
+        self.started = time.monotonic()
+        self.elapsed_before = 0.0  # training seconds spent by earlier invocations of this run
+        self._stop_local = ""  # a stop requested in this process (signal handler, budget, --stop-after)
+        self._stop_detail = ""
+        # position and counters (all restored on resume)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.evals_without_improvement = 0
+        self.bad_rows: dict[int, str] = {}
+        self.steps_this_session = 0
+        self.step_times: list[float] = []
+        self.last_train: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] = {}
+        self.last_eval_step = -1
+        self.last_saved_step = -1
+        self.manager = CheckpointManager(self.out / "checkpoints", keep_last=config.keep_last)
+        self.runlog = RunLog(self.out, enabled=self.dist.main, tensorboard=config.tensorboard,
+                             progress=config.progress)
+
+    # setup ---------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.config
+        self.dist.init(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        seed_everything(cfg.seed)
+        self.model = self._model_arg if self._model_arg is not None else build_from_name(cfg.model)
+        self.prepare_model()
+        # Separate streams per process for dropout; identical weights were drawn above from the shared seed.
+        seed_everything(cfg.seed + self.dist.rank)
+        self.setup_data()
+        self.optimizer = self.build_optimizer()
+        self.scheduler = self.build_scheduler()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.loss_weights = LossWeights(seg=cfg.seg_weight, lm=cfg.lm_weight, dice=cfg.dice_weight,
+                                        cls=cfg.cls_weight, cls_epochs=cfg.cls_epochs)
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume() if cfg.resume else self._refuse_existing()
+        self.runlog.open(step=self.step, resumed=resumed)
+        self.dist.broadcast_(self._trained_tensors().values())
+
+    def prepare_model(self) -> None:
+        """fp32 master copies of every trained parameter; the frozen base LLM optionally in the low dtype."""
+        model = self.model
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if low is not None and self.config.cast_frozen and self.device.type == "cuda":
+            for p in model.llm.parameters():
+                if not p.requires_grad and p.is_floating_point():
+                    p.data = p.data.to(low)
+        if self.config.grad_checkpointing:
+            self.enable_grad_checkpointing()
+        model.to(self.device)
+        self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.trainable:
+            raise TrainingError(f"model {model.spec.name!r} has no trainable parameters (check its spec.train flags)")
+        self.mask_size = model.contracts["vision_encoder"].input_size
+
+    def enable_grad_checkpointing(self) -> None:
+        """Gradient (activation) checkpointing on the LLM: recompute activations in backward to save memory. Uses
+        the backbone's own switch if it has one, else its transformers model's; warns and goes on without."""
+        llm = self.model.llm
+        candidates = [llm] + [m for m in llm.modules() if getattr(m, "supports_gradient_checkpointing", False)]
+        for module in candidates:
+            for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+                method = getattr(module, name, None)
+                if not callable(method):
+                    continue
+                kwargs_name = name.replace("_enable", "_kwargs")
+                try:  # non-reentrant: works with frozen inputs and LoRA, no input-grad hooks needed
+                    method(**{kwargs_name: {"use_reentrant": False}})
+                except TypeError:
+                    method()
+                log.info("gradient checkpointing enabled on %s", type(module).__name__)
+                return
+        log.warning("--grad-checkpointing: LLM %r has no gradient checkpointing switch; continuing without it",
+                    self.model.spec.llm.name)
+
+    def setup_data(self) -> None:
+        cfg = self.config
+        records = list(self._records_arg) if self._records_arg is not None else load_dataset(cfg.data)
+        split = split_records(records, val_fraction=cfg.val_fraction)
+        if not split.train:
+            raise TrainingError(f"no training rows in {cfg.data} (found {len(records)} rows in total)")
+        self.split = split
+        val = split.val[: cfg.val_max_samples] if cfg.val_max_samples else split.val
+        self.train_set = RecordDataset(split.train, mask_size=self.mask_size)
+        self.val_set = RecordDataset(val, mask_size=self.mask_size)
+        # Hashing reads every file once: rank 0 does it and tells the others.
+        self.data_sha256 = self.dist.broadcast_object(data_manifest(split.train + split.val) if self.dist.main else None)
+        self.batches_per_epoch = batches_per_epoch(len(split.train), batch_size=cfg.batch_size,
+                                                   world_size=self.dist.world_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        if cfg.early_stop_patience and not len(self.val_set):
+            log.warning("--early-stop-patience needs validation rows and there are none; early stopping is off")
+        if self.dist.main:
+            log.info("data: %d training rows, validation: %s; %d steps (%d per epoch, %d processes x batch %d x "
+                     "accumulation %d)", len(split.train), split.how, self.total_steps, self.steps_per_epoch,
+                     self.dist.world_size, cfg.batch_size, cfg.grad_accum)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        return torch.optim.AdamW([p for _, p in self.trainable], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                 weight_decay=cfg.weight_decay)
+
+    def build_scheduler(self):
+        # Stepped once per optimizer step over the whole run (the authors step per epoch with T_max=epochs).
+        return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, self.total_steps),
+                                                          eta_min=self.config.min_lr)
+
+    # the loop ------------------------------------------------------------------------------------------------
+    def fit(self) -> RunResult:
+        """Set up (or resume), train to the end or until stopped, and write the final artefacts."""
+        self.setup()
+        status = self.train_loop()
+        return self.finish(status)
+
+    def train_loop(self) -> str:
+        cfg = self.config
+        self.runlog.start_progress(step=self.step, total=self.total_steps)
+        while self.step < self.total_steps and self.epoch < cfg.epochs:
+            batches = self._epoch_batches()
+            while self.step < self.total_steps and self.batch_in_epoch < self.batches_per_epoch:
+                group = min(cfg.grad_accum, self.batches_per_epoch - self.batch_in_epoch)
+                self.train_step(batches, group)
+                epoch_done = self.batch_in_epoch >= self.batches_per_epoch
+                if epoch_done:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                stop = self._after_step(epoch_done)
+                if stop:
+                    return stop
+                if epoch_done:
+                    break
+        return "completed"
+
+    def _epoch_batches(self) -> Iterator[Batch]:
+        cfg = self.config
+        sampler = EpochBatches(len(self.train_set), batch_size=cfg.batch_size, seed=cfg.seed, epoch=self.epoch,
+                               rank=self.dist.rank, world_size=self.dist.world_size, start=self.batch_in_epoch)
+        return iter(make_loader(self.train_set, sampler, num_workers=cfg.num_workers, seed=cfg.seed,
+                                epoch=self.epoch))
+
+    def _after_step(self, epoch_done: bool) -> str:
+        """Evaluate, checkpoint and decide whether to stop; every process reaches the same decision."""
+        cfg = self.config
+        self._log_step()
+        saved = False
+        boundary = epoch_done or self.step >= self.total_steps
+        if boundary or (cfg.eval_every and self.step % cfg.eval_every == 0):
+            improved = self.evaluate_and_track()
+            if boundary or improved:
+                self.save(is_best=improved)
+                saved = True
+        if not saved and cfg.save_every and self.step % cfg.save_every == 0:
+            self.save()
+            saved = True
+        if (cfg.early_stop_patience and len(self.val_set)
+                and self.evals_without_improvement >= cfg.early_stop_patience):
+            self._stop_detail = (f"validation Dice did not improve for {self.evals_without_improvement} evaluations "
+                                 f"(best {self.best_metric:.4f} at step {self.best_step})")
+            if not saved:
+                self.save()
+            return "early_stopped"
+        stop = self._agreed_stop()
+        if stop:
+            if not saved:
+                self.save()
+            return stop
+        return ""
+
+    # one optimizer step --------------------------------------------------------------------------------------
+    def train_step(self, batches: Iterator[Batch], group: int) -> dict[str, float]:
+        """Run ``group`` micro-batches, average gradients over processes, clip, step optimizer and schedule."""
+        t0 = time.monotonic()
+        self.model.train()
+        parts, rows = [], 0
+        for _ in range(group):
+            batch = next(batches)
+            self.batch_in_epoch += 1
+            self._note_bad(batch.bad)
+            if not len(batch):
+                continue
+            loss, p = self.forward_loss(batch, epoch=self.epoch)
+            self.scaler.scale(loss / group).backward()
+            parts.append(p)
+            rows += len(batch)
+        self._sync_gradients()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for _, p in self.trainable]
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with warnings.catch_warnings():
+            # fp16: the scaler skips the optimizer on overflowing steps; the schedule still counts them
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.steps_this_session += 1
+        dt = time.monotonic() - t0
+        self.step_times.append(dt)
+        self.last_train = self._reduce_parts(parts, rows, dt, grad_norm)
+        return self.last_train
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _run_model(self, batch: Batch):
+        seg, inputs = self.model.encode(batch.images, batch.questions, batch.answers)
+        with self._autocast():
+            out = self.model(seg.to(self.device), inputs.to(self.device))
+        logits = out.mask_logits.float()
+        if logits.shape[-2:] != batch.masks.shape[-2:]:
+            raise TrainingError(f"the model returned mask logits of size {tuple(logits.shape[-2:])} but masks are "
+                                f"{tuple(batch.masks.shape[-2:])} (the vision encoder's input size)")
+        return out, logits
+
+    def forward_loss(self, batch: Batch, *, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out, logits = self._run_model(batch)
+        return total_loss(logits, batch.masks.to(self.device), out.lm_loss, out.modality_logits, batch.modality,
+                          epoch=epoch, weights=self.loss_weights)
+
+    def _sync_gradients(self) -> None:
+        """Average gradients over processes: one flat all-reduce per optimizer step, after accumulation. Every
+        trained parameter takes part (a missing gradient counts as zero), so skipped rows or an unused head never
+        leave the processes disagreeing about what to reduce."""
+        grads = []
+        for _, p in self.trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        if not self.dist.active:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.dist.all_reduce(flat)
+        flat /= self.dist.world_size
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+
+    def _reduce_parts(self, parts: list[dict[str, float]], rows: int, dt: float, grad_norm: float) -> dict[str, Any]:
+        sums = torch.zeros(2 * len(_PARTS) + 1, dtype=torch.float64)
+        for p in parts:
+            for i, k in enumerate(_PARTS):
+                if k in p:
+                    sums[2 * i] += p[k]
+                    sums[2 * i + 1] += 1
+        sums[-1] = rows
+        sums = self.dist.all_reduce(sums.to(self._collective_device())).cpu()
+        record: dict[str, Any] = {}
+        for i, k in enumerate(_PARTS):
+            if sums[2 * i + 1] > 0:
+                record[k] = float(sums[2 * i] / sums[2 * i + 1])
+        total_rows = int(sums[-1])
+        record.update({
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "rows": total_rows,
+            "step_time_s": dt,
+            "samples_per_s": total_rows / dt if dt > 0 else 0.0,
+        })
+        if self.scaler.is_enabled():
+            record["grad_scale"] = float(self.scaler.get_scale())
+        return record
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    # evaluation ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean soft Dice (and LM loss) on the validation rows, split across processes."""
+        if not len(self.val_set):
+            return {}
+        self.model.eval()
+        sums = torch.zeros(5, dtype=torch.float64)  # dice sum, rows, lm-loss sum, lm rows, bad rows
+        mine = list(range(self.dist.rank, len(self.val_set), self.dist.world_size))
+        bs = self.config.batch_size
+        for start in range(0, len(mine), bs):
+            batch = collate([self.val_set[i] for i in mine[start:start + bs]])
+            sums[4] += len(batch.bad)
+            if not len(batch):
+                continue
+            out, logits = self._run_model(batch)
+            sums[0] += float(soft_dice(logits, batch.masks.to(self.device)).sum())
+            sums[1] += len(batch)
+            if out.lm_loss is not None:
+                sums[2] += float(out.lm_loss) * len(batch)
+                sums[3] += len(batch)
+        self.model.train()
+        sums = self.dist.all_reduce(sums.to(self._collective_device())).cpu()
+        result: dict[str, Any] = {"val_rows": int(sums[1]), "val_bad_rows": int(sums[4])}
+        if sums[1] > 0:
+            result["val_dice"] = float(sums[0] / sums[1])
+        if sums[3] > 0:
+            result["val_loss_lm"] = float(sums[2] / sums[3])
+        return result
+
+    def evaluate_and_track(self) -> bool:
+        """Evaluate, log, and update early stopping; True when the validation Dice improved."""
+        self._sync_buffers()
+        result = self.evaluate()
+        self.last_eval_step = self.step
+        if "val_dice" not in result:
+            return False
+        self.last_eval = {"step": self.step, "epoch": self._step_epoch(),
+                          "epoch_progress": round(self._epoch_progress(), 6), **result}
+        dice = result["val_dice"]
+        improved = self.best_metric is None or dice > self.best_metric + self.config.early_stop_min_delta
+        if improved:
+            self.best_metric, self.best_step = dice, self.step
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        self.runlog.write({"kind": "eval", **self.last_eval, "best_val_dice": self.best_metric})
+        if self.dist.main:
+            log.info("step %d: val Dice %.4f (best %.4f at step %d)", self.step, dice, self.best_metric, self.best_step)
+        return improved
+
+    def _sync_buffers(self) -> None:
+        """Running statistics (e.g. BatchNorm) drift apart per process; rank 0's are the ones kept and used."""
+        if self.dist.active:
+            self.dist.broadcast_([b for b in self.model.buffers() if b.is_floating_point()])
+
+    # stopping ------------------------------------------------------------------------------------------------
+    def request_stop(self, reason: str = "preempted", detail: str = "") -> None:
+        """Ask the loop to stop after the current step with a checkpoint (safe from a signal handler)."""
+        if _STOPS.index(reason) > _STOPS.index(self._stop_local or ""):
+            self._stop_local = reason
+            self._stop_detail = detail or self._stop_detail
+
+    def _check_budget(self) -> None:
+        cfg = self.config
+        if cfg.stop_after and self.steps_this_session >= cfg.stop_after:
+            self.request_stop("paused", f"--stop-after {cfg.stop_after} steps reached in this invocation")
+        next_step = float(np.mean(self.step_times[-20:])) if self.step_times else 0.0
+        spent = self.elapsed()
+        if cfg.max_hours and spent + next_step > cfg.max_hours * 3600:
+            self.request_stop("budget_exhausted", f"--max-hours {cfg.max_hours} reached ({spent / 3600:.3f} h used)")
+        price = cfg.hourly_cost(self.dist.world_size)
+        if cfg.max_cost and price and (spent + next_step) / 3600 * price > cfg.max_cost:
+            self.request_stop("budget_exhausted",
+                              f"--max-cost {cfg.max_cost} USD reached ({spent / 3600 * price:.2f} USD at {price}/h)")
+
+    def _agreed_stop(self) -> str:
+        self._check_budget()
+        code = torch.tensor([_STOPS.index(self._stop_local or "")], dtype=torch.int64)
+        code = int(self.dist.all_reduce(code.to(self._collective_device()), op="max").item())
+        stop = _STOPS[code]
+        if stop and not self._stop_detail:
+            self._stop_detail = f"another process was asked to stop ({stop})"
+        return stop
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.started)
+
+    # checkpoints ---------------------------------------------------------------------------------------------
+    def _trained_keys(self) -> list[str]:
+        """Trained parameters, plus the buffers (e.g. BatchNorm statistics) of the non-LLM components that train."""
+        trained = {n for n, _ in self.trainable}
+        parts = {n.split(".", 1)[0] for n in trained} - {"llm"}
+        params = {n for n, _ in self.model.named_parameters()}
+        return [k for k in self.model.state_dict()
+                if k in trained or (k not in params and k.split(".", 1)[0] in parts)]
+
+    def _trained_tensors(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict(keep_vars=True)
+        return {k: state[k].data if isinstance(state[k], torch.nn.Parameter) else state[k]
+                for k in self._trained_keys()}
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "total_steps": self.total_steps,
+            "world_size": self.dist.world_size,
+            "precision": self.precision,
+            "config": self.config.model_dump(mode="json"),
+            "recipe": self.config.recipe(),
+            "model": {"name": self.model.spec.name, "fingerprint": self.model.spec.fingerprint()},
+            "data_manifest_sha256": self.data_sha256,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "evals_without_improvement": self.evals_without_improvement,
+            "last_eval": self.last_eval,
+            "elapsed_s": self.elapsed(),
+            "bad_rows": {str(k): v for k, v in sorted(self.bad_rows.items())},
+            "optimizer_params": [n for n, _ in self.trainable],
+        }
+
+    def save(self, *, is_best: bool = False) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; every process takes part)."""
+        self._sync_buffers()
+        self._merge_bad_rows()
+        rng_tensors, rng_meta = capture_rng()
+        gathered = self.dist.gather_objects((rng_tensors, rng_meta))
+        path = None
+        error = None
+        if self.dist.main:
+            tensors = {f"rank{r}.{k}": v for r, (t, _) in enumerate(gathered) for k, v in t.items()}
+            state = self._state()
+            state["rng"] = {str(r): m for r, (_, m) in enumerate(gathered)}
+            ckpt = Checkpoint(
+                trained={k: v.detach().float() if v.is_floating_point() else v.detach()
+                         for k, v in self._trained_tensors().items()},
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                rng_tensors=tensors,
+                state=state,
+                scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            )
+            try:
+                path = self.manager.save(ckpt, is_best=is_best)
+                log.info("checkpoint %s written", path)
+            except CheckpointWriteError as e:
+                error = str(e)
+        # Every process learns whether the write worked, so a failure stops them all together.
+        error = self.dist.broadcast_object(error)
+        if error:
+            raise CheckpointWriteError(error)
+        self.last_saved_step = self.step
+        return path
+
+    def _refuse_existing(self) -> bool:
+        existing = self.dist.broadcast_object([p.name for p in self.manager.checkpoints()] if self.dist.main else None)
+        if existing:
+            raise TrainingError(f"{self.out} already holds checkpoints ({', '.join(existing[-3:])}); pass --resume to "
+                                f"continue that run, or choose a new --out")
+        return False
+
+    def resume(self) -> bool:
+        """Restore the newest good checkpoint: weights, optimizer, schedule, scaler, RNG, data position."""
+        chosen = self.manager.latest_valid() if self.dist.main else None
+        chosen = self.dist.broadcast_object(None if chosen is None else str(chosen))
+        if chosen is None:
+            if self.dist.main:
+                log.info("--resume: no checkpoint under %s; starting from the beginning", self.manager.root)
+            return False
+        ckpt = self.manager.load(chosen)
+        st = ckpt.state
+        self._check_compatible(ckpt)
+        own = self._trained_tensors()
+        missing, extra = sorted(set(own) - set(ckpt.trained)), sorted(set(ckpt.trained) - set(own))
+        if missing or extra:
+            raise CheckpointError(f"{chosen}: trained tensors do not fit this model ({len(missing)} missing, e.g. "
+                                  f"{missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]})")
+        with torch.no_grad():
+            for k, t in own.items():
+                src = ckpt.trained[k]
+                if tuple(src.shape) != tuple(t.shape):
+                    raise CheckpointError(f"{chosen}: {k} is {tuple(src.shape)} but the model has {tuple(t.shape)}")
+                t.copy_(src.to(t.dtype))
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.scheduler.load_state_dict(ckpt.scheduler)
+        if ckpt.scaler is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt.scaler)
+        self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+        self.best_metric, self.best_step = st.get("best_metric"), st.get("best_step")
+        self.evals_without_improvement = st.get("evals_without_improvement", 0)
+        self.last_eval = st.get("last_eval") or {}
+        self.last_eval_step = self.last_eval.get("step", -1)
+        self.elapsed_before = float(st.get("elapsed_s", 0.0))
+        self.bad_rows = {int(k): v for k, v in st.get("bad_rows", {}).items()}
+        self.last_saved_step = self.step
+        prefix = f"rank{self.dist.rank}."
+        tensors = {k[len(prefix):]: v for k, v in ckpt.rng_tensors.items() if k.startswith(prefix)}
+        restore_rng(tensors, st["rng"][str(self.dist.rank)])
+        if self.dist.main:
+            log.info("resumed from %s: step %d, epoch %d, batch %d of %d", chosen, self.step, self.epoch,
+                     self.batch_in_epoch, self.batches_per_epoch)
+        return True
+
+    def _check_compatible(self, ckpt: Checkpoint) -> None:
+        st = ckpt.state
+        where = ckpt.path
+        if st.get("world_size") != self.dist.world_size:
+            raise TrainingError(f"{where} was written by {st.get('world_size')} processes but this run has "
+                                f"{self.dist.world_size}; resume with the same number of processes")
+        theirs, ours = st.get("recipe", {}), self.config.recipe()
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in diff[:6])
+            raise TrainingError(f"{where} belongs to a run with a different recipe ({shown}); resume with the same "
+                                f"options, or start a new run in a new --out")
+        if st.get("model", {}).get("fingerprint") != self.model.spec.fingerprint():
+            raise TrainingError(f"{where} was trained on model {st.get('model')} but this is "
+                                f"{self.model.spec.name!r} ({self.model.spec.fingerprint()})")
+        if st.get("data_manifest_sha256") != self.data_sha256:
+            raise TrainingError(f"{where} was trained on data with manifest {st.get('data_manifest_sha256')} but "
+                                f"{self.config.data} now has {self.data_sha256}; the data changed since the checkpoint")
+        if st.get("optimizer_params") != [n for n, _ in self.trainable]:
+            raise TrainingError(f"{where}: the trained parameters differ from this model's")
+
+    # bad rows --------------------------------------------------------------------------------------------------
+    def _note_bad(self, bad: list[tuple[int, str]]) -> None:
+        for index, reason in bad:
+            if index not in self.bad_rows:
+                self.bad_rows[index] = reason
+                if len(self.bad_rows) <= 20:
+                    log.warning("skipping training row %d: %s", index, reason)
+                elif len(self.bad_rows) == 21:
+                    log.warning("more rows are being skipped; the count is in metrics.jsonl and summary.json")
+
+    def _merge_bad_rows(self) -> None:
+        if self.dist.active:
+            for part in self.dist.gather_objects(self.bad_rows):
+                self.bad_rows.update(part)
+
+    # logs ------------------------------------------------------------------------------------------------------
+    def _log_step(self) -> None:
+        rec = self.last_train
+        self.runlog.advance(rec)
+        if self.step % self.config.log_every and self.step != self.total_steps:
+            return
+        line = {"kind": "train", "step": self.step, "epoch": self._step_epoch(),
+                "epoch_progress": round(self._epoch_progress(), 6), **rec, "bad_rows": len(self.bad_rows),
+                "elapsed_s": round(self.elapsed(), 3)}
+        if self.step_times:
+            line["eta_s"] = round((self.total_steps - self.step) * float(np.mean(self.step_times[-20:])), 1)
+        price = self.config.hourly_cost(self.dist.world_size)
+        if price:
+            line["cost_usd"] = round(self.elapsed() / 3600 * price, 4)
+        self.runlog.write(line)
+
+    def _step_epoch(self) -> int:
+        """The (0-based) epoch the last step belonged to; the position has already moved on at an epoch end."""
+        return self.epoch - 1 if self.batch_in_epoch == 0 and self.step > 0 else self.epoch
+
+    def _epoch_progress(self) -> float:
+        return self.epoch + self.batch_in_epoch / max(1, self.batches_per_epoch)
+
+    # the end ---------------------------------------------------------------------------------------------------
+    def finish(self, status: str) -> RunResult:
+        """Final evaluation and checkpoint, the adapter bundle (unless preempted), and summary.json."""
+        self.runlog.close()
+        resumable = status in ("preempted", "paused")
+        if not resumable and self.last_saved_step != self.step:
+            self.save()
+        self._merge_bad_rows()
+        latest = self.manager.checkpoints()[-1] if self.dist.main and self.manager.checkpoints() else None
+        adapter = None
+        metrics = self._final_metrics()
+        if not resumable:
+            adapter = self.write_adapter(status, metrics)
+        reason = self._stop_detail or {"completed": f"trained {self.step} steps"}.get(status, status)
+        result = RunResult(status=status, exit_code=EXIT_CODES[status], reason=reason, step=self.step,
+                           metrics=metrics, checkpoint=latest, adapter=adapter, bad_rows=len(self.bad_rows))
+        self.write_summary(result)
+        self.close()
+        return result
+
+    def _final_metrics(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"steps": self.step, "epochs": round(self._epoch_progress(), 4),
+                                   "bad_rows": len(self.bad_rows), "training_hours": round(self.elapsed() / 3600, 4)}
+        for k in ("loss", "loss_seg", "loss_lm", "loss_cls"):
+            if k in self.last_train:
+                metrics[f"train_{k}"] = round(self.last_train[k], 6)
+        if self.last_eval.get("val_dice") is not None:
+            metrics["val_dice"] = round(self.last_eval["val_dice"], 6)
+        if self.best_metric is not None:
+            metrics["best_val_dice"] = round(self.best_metric, 6)
+            metrics["best_step"] = self.best_step
+        return metrics
+
+    def write_adapter(self, status: str, metrics: dict[str, Any]) -> Path | None:
+        """``RUN/adapter/``: the best validated weights when there was validation, else the last ones."""
+        if not self.dist.main:
+            return None
+        from prsmed.model.bundle import save_bundle
+
+        if getattr(self.model.spec.train, "llm", False):
+            log.warning("the whole LLM was trained (spec.train.llm), which an adapter bundle cannot hold; no "
+                        "RUN/adapter written: the trained weights are in the checkpoints' trained.safetensors")
+            return None
+
+        use_best = self.config.adapter_weights == "best" and self.manager.best and self.best_step is not None
+        if use_best and self.best_step != self.step:
+            best = self.manager.load(self.manager.root / self.manager.best)
+            own = self._trained_tensors()
+            with torch.no_grad():
+                for k, t in own.items():
+                    t.copy_(best.trained[k].to(t.dtype))
+            log.info("adapter: using the best checkpoint (%s, val Dice %.4f)", self.manager.best, self.best_metric)
+        training = {
+            **self.config.model_dump(mode="json"),
+            "status": status,
+            "steps": self.step,
+            "world_size": self.dist.world_size,
+            "precision_used": self.precision,
+            "weights_from_step": self.best_step if use_best else self.step,
+            "validation": self.split.how,
+        }
+        out = self.out / "adapter"
+        save_bundle(self.model, out, training=training, metrics=metrics, data_manifest_sha256=self.data_sha256,
+                    overwrite=True)
+        log.info("adapter bundle written to %s", out)
+        return out
+
+    def write_summary(self, result: RunResult) -> None:
+        if not self.dist.main:
+            return
+        first_bad = dict(sorted(self.bad_rows.items())[:20])
+        summary = {
+            "status": result.status,
+            "exit_code": result.exit_code,
+            "reason": result.reason,
+            "step": result.step,
+            "total_steps": self.total_steps,
+            "metrics": result.metrics,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "adapter": str(result.adapter) if result.adapter else None,
+            "bad_rows": {"count": len(self.bad_rows), "first": {str(k): v for k, v in first_bad.items()}},
+            "validation": self.split.how,
+            "world_size": self.dist.world_size,
+            "precision": self.precision,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        bad = f"; {len(self.bad_rows)} bad rows skipped" if self.bad_rows else ""
+        log.info("run %s at step %d/%d: %s%s", result.status, self.step, self.total_steps, result.reason, bad)
+
+    def close(self) -> None:
+        self.runlog.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return 0
+
+
+# --- running a whole job ----------------------------------------------------------------------------------------
+
+def _install_signal_handlers(trainer: Trainer) -> Callable[[], None]:
+    """SIGTERM/SIGINT: finish the step, checkpoint, exit 75. A second SIGINT interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        trainer.request_stop("preempted", f"received {name}; stopped after the current step with a checkpoint")
+        log.warning("%s received: finishing the current step, then writing a checkpoint (again to abort)", name)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    for s in previous:
+        signal.signal(s, handler)
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+def run_on_finish(command: str, result: RunResult, out: Path) -> None:
+    """Run the user's ``--on-finish`` shell command with the outcome in its environment."""
+    env = {
+        **os.environ,
+        "PRSMED_RUN_STATUS": result.status,
+        "PRSMED_EXIT_CODE": str(result.exit_code),
+        "PRSMED_RUN_REASON": result.reason,
+        "PRSMED_RUN_DIR": str(out),
+        "PRSMED_STEP": str(result.step),
+        "PRSMED_CHECKPOINT": str(result.checkpoint or ""),
+        "PRSMED_ADAPTER": str(result.adapter or ""),
+    }
+    log.info("running --on-finish: %s", command)
+    try:
+        done = subprocess.run(command, shell=True, env=env, check=False)
+        if done.returncode:
+            log.warning("--on-finish command exited with status %d", done.returncode)
+    except OSError as e:
+        log.warning("--on-finish command could not be started: %s", e)
+
+
+def _setup_logging(out: Path, dist: Dist) -> Callable[[], None]:
+    handlers: list[logging.Handler] = []
+    logger = logging.getLogger("prsmed")
+    old_level = logger.level
+    logger.setLevel(logging.INFO if dist.main else logging.WARNING)
+    if dist.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(out / "train.log")
+            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handlers.append(fh)
+        except OSError as e:  # the run itself will report why --out is unusable
+            logging.getLogger("prsmed.train").warning("cannot write %s/train.log: %s", out, e)
+    if not logging.getLogger().handlers:  # nobody configured logging: show ours on stderr
+        sh = logging.StreamHandler()
+        sh.setFormatter(logging.Formatter(f"[rank {dist.rank}] %(levelname)s: %(message)s" if dist.active
+                                          else "%(levelname)s: %(message)s"))
+        handlers.append(sh)
+    for h in handlers:
+        logger.addHandler(h)
+
+    def restore() -> None:
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(old_level)
+
+    return restore
+
+
+def run_training(config: TrainConfig, *, model=None, records: Sequence[Any] | None = None,
+                 trainer_cls: type[Trainer] = Trainer) -> RunResult:
+    """Run a whole job: train, handle signals, write summary.json, run ``--on-finish``; never raises for a failed
+    run (the result says why), so callers map it to an exit status."""
+    trainer = trainer_cls(config, model=model, records=records)
+    restore_logging = _setup_logging(Path(config.out), trainer.dist)
+    restore_signals = _install_signal_handlers(trainer)
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        # Errors about the user's inputs (options, weights, data, disk) carry their explanation; others a traceback.
+        if isinstance(e, (TrainingError, CheckpointWriteError, CheckpointError, ValueError, OSError)):
+            log.error("training failed: %s", e)
+        else:
+            log.exception("training failed")
+        result = RunResult(status="failed", exit_code=EXIT_FAILED, reason=str(e), step=trainer.step,
+                           bad_rows=len(trainer.bad_rows))
+        _write_failed_summary(trainer, result)
+        trainer.close()
+    finally:
+        restore_signals()
+    try:
+        if config.on_finish and trainer.dist.main:
+            run_on_finish(config.on_finish, result, Path(config.out))
+    finally:
+        trainer.dist.close()
+        restore_logging()
+    return result
+
+
+def _write_failed_summary(trainer: Trainer, result: RunResult) -> None:
+    if not trainer.dist.main:
+        return
+    try:
+        out = Path(trainer.config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        last = trainer.manager.checkpoints()
+        summary = {"status": result.status, "exit_code": result.exit_code, "reason": result.reason,
+                   "step": result.step, "checkpoint": str(last[-1]) if last else None,
+                   "bad_rows": {"count": len(trainer.bad_rows)}}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError:
+        pass  # the disk that failed the run may refuse this too; the log line above carries the reason

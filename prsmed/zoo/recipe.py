@@ -1,0 +1,239 @@
+"""The recipe that trains prsmed-tiny from scratch; ``prsmed zoo build prsmed-tiny`` runs it.
+
+The 7B model starts from LLaVA-Med, whose tower already describes images in a way its LLM reads. The tiny model's
+LLM starts from random weights, and trained jointly from scratch it learns the masks quickly but never names the
+right zone: a random tower gives the LLM nothing about position to read. So, like LLaVA's own training, there are
+two stages:
+
+1. **Tower stage.** Only the LLM's image tower and projector train, with auxiliary heads on the projected image
+   tokens: each token predicts how much of its own patch is lesion and where that patch is (its coordinates), and
+   the flattened tokens predict the lesion's zones. Afterwards a token's content says both "lesion here" and
+   "here is top left", so the LLM can find the zone by attending to lesion tokens, without decoding positions
+   itself. The auxiliary heads are thrown away.
+2. **Grounding stage.** With the tower frozen, only the LLM's text model trains, on the real questions with short
+   answers that are just the zones ("top left and bottom right."). Every supervised token is then a zone word, so
+   the LLM learns to read the zone from the image tokens before it has to learn the phrasing around it.
+3. **Joint stage.** The rest of the model trains with the ordinary trainer (structure + LM + modality losses) on the
+   real answers: the LLM's text model fully (it is the base's pretraining), the vision encoder and the fusion head,
+   to the end of the cosine schedule. The tower and projector stay frozen, so the LLM cannot wash out what stage 1
+   put there.
+
+The result is written as safetensors files per component into the package's assets, where the zoo finds them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prsmed.data.layout import load_records
+from prsmed.data.readers import read_image, read_mask
+from prsmed.data.synth import synthesize
+from prsmed.data.zones import ZONES
+from prsmed.eval.runner import mask_zones
+from prsmed.weights import write_state_dict
+from prsmed.zoo.presets import ASSETS, PRESETS
+
+log = logging.getLogger(__name__)
+
+PARTS = ("vision_encoder", "llm", "fusion_head", "modality_head")
+
+
+@dataclass
+class RecipeConfig:
+    n_images: int = 3000
+    data_seed: int = 7
+    image_size: int = 256
+    seed: int = 0
+    tower_steps: int = 600
+    tower_batch: int = 64
+    tower_lr: float = 2e-3
+    grounding_steps: int = 1500
+    grounding_batch: int = 16
+    grounding_lr: float = 1e-3
+    epochs: int = 4
+    batch_size: int = 8
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    max_steps: int | None = None
+
+
+def _tower_targets(model, records) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLIP pixels, per-token lesion fractions on the token grid, and multi-hot zones, for every record."""
+    backbone = model.llm
+    grid = int(math.isqrt(model.contracts["llm"].image_tokens))
+    pixels, cells, zones = [], [], []
+    for start in range(0, len(records), 64):
+        chunk = records[start : start + 64]
+        images = [read_image(r.image_path) for r in chunk]
+        pixels.append(backbone.preprocess_images(images))
+        for r in chunk:
+            mask = read_mask(r.mask_path)
+            h, w = mask.shape
+            side = max(h, w)  # the tower sees the image padded to a square, centred, as LLaVA's "pad"
+            square = np.zeros((side, side), dtype=np.float32)
+            top, left = (side - h) // 2, (side - w) // 2
+            square[top : top + h, left : left + w] = mask
+            t = torch.from_numpy(square)[None, None]
+            cells.append(F.adaptive_avg_pool2d(t, grid).flatten())
+            hot = torch.zeros(len(ZONES))
+            for z in mask_zones(mask):
+                if z in ZONES:
+                    hot[ZONES.index(z)] = 1
+            zones.append(hot)
+    return torch.cat(pixels), torch.stack(cells), torch.stack(zones)
+
+
+def train_tower(model, records, cfg: RecipeConfig) -> dict[str, float]:
+    """Stage 1: teach the LLM's tower and projector to carry where the lesion is."""
+    llava = model.llm.model.model  # transformers LlavaModel: vision_tower + multi_modal_projector
+    params = _tower_params(model)
+    hidden = model.contracts["llm"].hidden_size
+    tokens = model.contracts["llm"].image_tokens
+    token_head = nn.Linear(hidden, 3)  # lesion fraction logit, x, y of the token's patch
+    zone_head = nn.Linear(tokens * hidden, len(ZONES))
+    pixels, cells, zones = _tower_targets(model, records)
+    grid = int(math.isqrt(tokens))
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
+    coords = torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # raster order, as the tokens come
+    opt = torch.optim.AdamW(params + list(token_head.parameters()) + list(zone_head.parameters()), lr=cfg.tower_lr,
+                            weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.tower_steps, eta_min=cfg.tower_lr * 0.01)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    llava.train()
+    stats = {}
+    for step in range(cfg.tower_steps):
+        idx = torch.randint(0, len(pixels), (cfg.tower_batch,), generator=gen)
+        feats = llava.get_image_features(pixel_values=pixels[idx]).pooler_output
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        per_token = token_head(feats)
+        cell_loss = F.binary_cross_entropy_with_logits(per_token[..., 0], cells[idx])
+        coord_loss = F.mse_loss(per_token[..., 1:], coords.expand_as(per_token[..., 1:]))
+        zone_logits = zone_head(feats.flatten(1))
+        zone_loss = F.binary_cross_entropy_with_logits(zone_logits, zones[idx])
+        loss = cell_loss + coord_loss + zone_loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == cfg.tower_steps - 1:
+            exact = ((zone_logits > 0) == (zones[idx] > 0.5)).all(dim=1).float().mean().item()
+            stats = {"step": step, "cell_loss": cell_loss.item(), "coord_loss": coord_loss.item(),
+                     "zone_loss": zone_loss.item(), "zone_exact": exact}
+            log.info("tower stage %s", stats)
+    return stats
+
+
+def _tower_params(model) -> list[nn.Parameter]:
+    llava = model.llm.model.model
+    return list(llava.vision_tower.parameters()) + list(llava.multi_modal_projector.parameters())
+
+
+def train_grounding(model, records, cfg: RecipeConfig) -> dict[str, float]:
+    """Stage 2: the text model learns to name the zones it reads from the (frozen) image tokens."""
+    frozen = {id(p) for p in _tower_params(model)}
+    params = [p for p in model.llm.parameters() if id(p) not in frozen]
+    states = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    images = {r.image_path: read_image(r.image_path) for r in records}
+    targets = {r.image_path: " and ".join(mask_zones(read_mask(r.mask_path))) + "." for r in records}
+    opt = torch.optim.AdamW(params, lr=cfg.grounding_lr, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.grounding_steps, eta_min=cfg.grounding_lr * 0.1)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    model.llm.train()
+    stats = {}
+    for step in range(cfg.grounding_steps):
+        batch = [records[i] for i in torch.randint(0, len(records), (cfg.grounding_batch,), generator=gen)]
+        inputs = model.llm.encode(model.prompts([r.question for r in batch]),
+                                  [images[r.image_path] for r in batch], [targets[r.image_path] for r in batch])
+        loss = model.llm(inputs).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.grounding_steps - 1:
+            stats = {"step": step, "loss": loss.item()}
+            log.info("grounding stage %s", stats)
+    for p in model.parameters():
+        p.requires_grad_(states[id(p)])
+    return stats
+
+
+def save_assets(model, out_dir: Path) -> dict[str, str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for part in PARTS:
+        module = getattr(model, part)
+        if module is None:
+            continue
+        path = out_dir / f"{part}.safetensors"
+        write_state_dict(module.state_dict(), path, metadata={"prsmed_part": part, "preset": "prsmed-tiny"})
+        written[part] = path.name
+    return written
+
+
+def build_tiny(work_dir: str | Path, cfg: RecipeConfig | None = None, *, assets_dir: str | Path | None = None,
+               progress: bool = True) -> dict:
+    """Run the whole recipe; returns a summary (also written to ``work_dir/recipe.json``)."""
+    from prsmed.train.config import TrainConfig
+    from prsmed.train.trainer import run_training
+    from prsmed.zoo import build_model
+
+    cfg = cfg or RecipeConfig()
+    work_dir = Path(work_dir)
+    assets_dir = Path(assets_dir) if assets_dir else ASSETS / "prsmed-tiny"
+    t0 = time.monotonic()
+    data_dir = work_dir / "data"
+    if not (data_dir / "annotations").is_dir():
+        synthesize(data_dir, n=cfg.n_images, seed=cfg.data_seed, size=cfg.image_size)
+    train_rows = [r for r in load_records(data_dir) if r.split in ("train", "val")]
+
+    spec = PRESETS["prsmed-tiny"].spec.model_copy(deep=True)
+    spec.lora = None
+    spec.train.llm = True
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec)
+    tower = train_tower(model, [r for r in train_rows if r.split == "train"], cfg)
+    for p in _tower_params(model):
+        p.requires_grad_(False)
+    t_tower = time.monotonic() - t0
+    grounding = train_grounding(model, [r for r in train_rows if r.split == "train"], cfg)
+    t_grounding = time.monotonic() - t0 - t_tower
+
+    train_cfg = TrainConfig(
+        model="prsmed-tiny", data=data_dir, out=work_dir / "joint", epochs=cfg.epochs, batch_size=cfg.batch_size,
+        lr=cfg.lr, min_lr=cfg.min_lr, seed=cfg.seed, max_steps=cfg.max_steps, precision="fp32", progress=progress,
+        # The earlier stages are deterministic for a seed, so an interrupted joint stage resumes where it stopped.
+        resume=(work_dir / "joint" / "checkpoints").is_dir(),
+    )
+    result = run_training(train_cfg, model=model, records=train_rows)
+    if result.status != "completed":
+        raise RuntimeError(f"the joint stage ended {result.status!r} at step {result.step}: {result.reason}; rerun "
+                           f"`prsmed zoo build prsmed-tiny --work-dir {work_dir}` to resume it")
+    written = save_assets(model, assets_dir)
+    summary = {
+        "recipe": cfg.__dict__,
+        "tower_stage": tower,
+        "grounding_stage": grounding,
+        "joint_stage": {"status": result.status, "steps": result.step},
+        "seconds": {"tower": round(t_tower, 1), "grounding": round(t_grounding, 1),
+                    "total": round(time.monotonic() - t0, 1)},
+        "assets": {k: str(assets_dir / v) for k, v in written.items()},
+    }
+    (work_dir / "recipe.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
