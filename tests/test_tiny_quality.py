@@ -34,8 +34,13 @@ def test_tiny_segments_a_fresh_split(report):
     assert overall["zone_acc_mask"] >= 0.80
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the shipped tiny LLM names zones at chance level (bench/RESULTS.md)")
-def test_tiny_names_the_zone_in_words(report):
-    overall = report["overall"]
-    assert overall["zone_acc_text"] >= 0.60
-    assert overall["agreement"] >= 0.60
+def test_tiny_names_the_zone_in_words_better_than_chance(report):
+    # Five zones: chance is about 0.2. The recorded figure on 300 rows is 0.49 (bench/RESULTS.md).
+    assert report["overall"]["zone_acc_text"] >= 0.30
+    assert report["overall"]["agreement"] >= 0.30
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the issue's target (0.90) is not reached yet (bench/RESULTS.md)")
+def test_tiny_reaches_the_zone_target(report):
+    assert report["overall"]["zone_acc_text"] >= 0.90
+    assert report["overall"]["agreement"] >= 0.90

@@ -14,7 +14,9 @@ two stages:
    answers that are just the zones ("top left and bottom right."). Every supervised token is then a zone word, so
    the LLM learns to read the zone from the image tokens before it has to learn the phrasing around it.
 3. **Joint stage.** The rest of the model trains with the ordinary trainer (structure + LM + modality losses) on the
-   real answers: the LLM's text model fully (it is the base's pretraining), the vision encoder and the fusion head,
+   real answers, each preceded by its zones in the grounding stage's words ("top left. The tumour lies in the
+   upper-left part of the image."), so the grounding keeps being trained and the sentence after it can copy the
+   zone from its own first words instead of reading the image a second time: the LLM's text model fully (it is the base's pretraining), the vision encoder and the fusion head,
    to the end of the cosine schedule. The tower and projector stay frozen, so the LLM cannot wash out what stage 1
    put there.
 
@@ -27,7 +29,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +141,16 @@ def _tower_params(model) -> list[nn.Parameter]:
     return list(llava.vision_tower.parameters()) + list(llava.multi_modal_projector.parameters())
 
 
+def zone_words(record) -> str:
+    """The record's zones in canonical words, from its mask: "top left", "top left and bottom right"."""
+    return " and ".join(mask_zones(read_mask(record.mask_path)))
+
+
+def with_zone_first(record):
+    """The answer the tiny model learns in the joint stage: its zones first, then the dataset's sentence."""
+    return replace(record, answer=f"{zone_words(record)}. {record.answer}")
+
+
 def train_grounding(model, records, cfg: RecipeConfig) -> dict[str, float]:
     """Stage 2: the text model learns to name the zones it reads from the (frozen) image tokens."""
     frozen = {id(p) for p in _tower_params(model)}
@@ -149,7 +161,7 @@ def train_grounding(model, records, cfg: RecipeConfig) -> dict[str, float]:
     for p in params:
         p.requires_grad_(True)
     images = {r.image_path: read_image(r.image_path) for r in records}
-    targets = {r.image_path: " and ".join(mask_zones(read_mask(r.mask_path))) + "." for r in records}
+    targets = {r.image_path: zone_words(r) + "." for r in records}
     opt = torch.optim.AdamW(params, lr=cfg.grounding_lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.grounding_steps, eta_min=cfg.grounding_lr * 0.1)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -220,7 +232,7 @@ def build_tiny(work_dir: str | Path, cfg: RecipeConfig | None = None, *, assets_
         # The earlier stages are deterministic for a seed, so an interrupted joint stage resumes where it stopped.
         resume=(work_dir / "joint" / "checkpoints").is_dir(),
     )
-    result = run_training(train_cfg, model=model, records=train_rows)
+    result = run_training(train_cfg, model=model, records=[with_zone_first(r) for r in train_rows])
     if result.status != "completed":
         raise RuntimeError(f"the joint stage ended {result.status!r} at step {result.step}: {result.reason}; rerun "
                            f"`prsmed zoo build prsmed-tiny --work-dir {work_dir}` to resume it")
