@@ -44,14 +44,12 @@ def run_variant(args: argparse.Namespace) -> dict:
     def step() -> None:
         if args.variant == "ours":
             out = model(seg, inputs)
-            lm_loss = out.lm_loss
+            mask_logits, lm_loss = out.mask_logits, out.lm_loss
         else:  # the authors' pattern: hidden states from one pass, the LM loss from a second
-            z = model.vision_encoder(seg)
             first = model.llm(inputs)
-            logits_mask = model.fusion_head(z, first.hidden_states, prompt_mask=None)
-            out = type("O", (), {"mask_logits": logits_mask})()
+            mask_logits = model.fusion_head(model.vision_encoder(seg), first.hidden_states, prompt_mask=None)
             lm_loss = model.llm(inputs).loss
-        loss = structure_loss(out.mask_logits, target).total + lm_loss
+        loss = structure_loss(mask_logits, target).total + lm_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -48,9 +48,6 @@ class LLMInputs:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return LLMInputs(move(self.input_ids), move(self.attention_mask), move(self.pixel_values), move(self.labels))
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if v is not None}
-
 
 @dataclass
 class LLMOutput:

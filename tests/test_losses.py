@@ -38,6 +38,13 @@ def test_boundary_weights_peak_at_the_edge_and_are_one_far_from_it():
     assert w.max() <= 6.0
 
 
+def test_boundary_weights_equal_the_31x31_pool_of_the_definition():
+    torch.manual_seed(0)
+    m = (torch.rand(2, 1, 70, 90) > 0.7).float()
+    local = torch.nn.functional.avg_pool2d(m, kernel_size=31, stride=1, padding=15)
+    torch.testing.assert_close(boundary_weights(m), 1.0 + 5.0 * (local - m).abs(), rtol=0, atol=1e-6)
+
+
 def test_boundary_weighting_changes_the_loss():
     torch.manual_seed(0)
     m = _square_mask()

@@ -122,12 +122,7 @@ def train_tower(model, records, cfg: RecipeConfig) -> dict[str, float]:
         coord_loss = F.mse_loss(per_token[..., 1:], coords.expand_as(per_token[..., 1:]))
         zone_logits = zone_head(feats.flatten(1))
         zone_loss = F.binary_cross_entropy_with_logits(zone_logits, zones[idx])
-        loss = cell_loss + coord_loss + zone_loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, cell_loss + coord_loss + zone_loss, params)
         if step % 50 == 0 or step == cfg.tower_steps - 1:
             exact = ((zone_logits > 0) == (zones[idx] > 0.5)).all(dim=1).float().mean().item()
             stats = {"step": step, "cell_loss": cell_loss.item(), "coord_loss": coord_loss.item(),
@@ -141,17 +136,20 @@ def _tower_params(model) -> list[nn.Parameter]:
     return list(llava.vision_tower.parameters()) + list(llava.multi_modal_projector.parameters())
 
 
+def _optimizer_step(opt, sched, loss: torch.Tensor, params: list[nn.Parameter]) -> None:
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def zone_words(record) -> str:
     """The record's zones in canonical words, from its mask: "top left", "top left and bottom right"."""
     return " and ".join(mask_zones(read_mask(record.mask_path)))
 
 
-def with_zone_first(record):
-    """The answer the tiny model learns in the joint stage: its zones first, then the dataset's sentence."""
-    return replace(record, answer=f"{zone_words(record)}. {record.answer}")
-
-
-def train_grounding(model, records, cfg: RecipeConfig) -> dict[str, float]:
+def train_grounding(model, records, zones: dict, cfg: RecipeConfig) -> dict[str, float]:
     """Stage 2: the text model learns to name the zones it reads from the (frozen) image tokens."""
     frozen = {id(p) for p in _tower_params(model)}
     params = [p for p in model.llm.parameters() if id(p) not in frozen]
@@ -161,7 +159,6 @@ def train_grounding(model, records, cfg: RecipeConfig) -> dict[str, float]:
     for p in params:
         p.requires_grad_(True)
     images = {r.image_path: read_image(r.image_path) for r in records}
-    targets = {r.image_path: zone_words(r) + "." for r in records}
     opt = torch.optim.AdamW(params, lr=cfg.grounding_lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.grounding_steps, eta_min=cfg.grounding_lr * 0.1)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -170,13 +167,9 @@ def train_grounding(model, records, cfg: RecipeConfig) -> dict[str, float]:
     for step in range(cfg.grounding_steps):
         batch = [records[i] for i in torch.randint(0, len(records), (cfg.grounding_batch,), generator=gen)]
         inputs = model.llm.encode(model.prompts([r.question for r in batch]),
-                                  [images[r.image_path] for r in batch], [targets[r.image_path] for r in batch])
+                                  [images[r.image_path] for r in batch], [zones[r.mask_path] + "." for r in batch])
         loss = model.llm(inputs).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss, params)
         if step % 100 == 0 or step == cfg.grounding_steps - 1:
             stats = {"step": step, "loss": loss.item()}
             log.info("grounding stage %s", stats)
@@ -223,7 +216,9 @@ def build_tiny(work_dir: str | Path, cfg: RecipeConfig | None = None, *, assets_
     for p in _tower_params(model):
         p.requires_grad_(False)
     t_tower = time.monotonic() - t0
-    grounding = train_grounding(model, [r for r in train_rows if r.split == "train"], cfg)
+    # Each record's zones, in words, from its mask read once; stages 2 and 3 both use them.
+    zones = {r.mask_path: zone_words(r) for r in train_rows}
+    grounding = train_grounding(model, [r for r in train_rows if r.split == "train"], zones, cfg)
     t_grounding = time.monotonic() - t0 - t_tower
 
     train_cfg = TrainConfig(
@@ -232,7 +227,9 @@ def build_tiny(work_dir: str | Path, cfg: RecipeConfig | None = None, *, assets_
         # The earlier stages are deterministic for a seed, so an interrupted joint stage resumes where it stopped.
         resume=(work_dir / "joint" / "checkpoints").is_dir(),
     )
-    result = run_training(train_cfg, model=model, records=[with_zone_first(r) for r in train_rows])
+    # The joint stage's answers: the zones first, then the dataset's sentence.
+    zones_first = [replace(r, answer=f"{zones[r.mask_path]}. {r.answer}") for r in train_rows]
+    result = run_training(train_cfg, model=model, records=zones_first)
     if result.status != "completed":
         raise RuntimeError(f"the joint stage ended {result.status!r} at step {result.step}: {result.reason}; rerun "
                            f"`prsmed zoo build prsmed-tiny --work-dir {work_dir}` to resume it")
