@@ -30,14 +30,14 @@ def test_tiny_weights_ship_with_the_package():
 def test_tiny_segments_a_fresh_split(report):
     overall = report["overall"]
     assert overall["n"] == 48
-    assert overall["dice@0.5"] >= 0.60
+    assert overall["dice@0.5"] >= 0.75  # 0.84 on the 300 rows of bench/RESULTS.md
     assert overall["zone_acc_mask"] >= 0.80
 
 
-def test_tiny_names_the_zone_in_words_better_than_chance(report):
-    # Five zones: chance is about 0.2. The recorded figure on 300 rows is 0.49 (bench/RESULTS.md).
-    assert report["overall"]["zone_acc_text"] >= 0.30
-    assert report["overall"]["agreement"] >= 0.30
+def test_tiny_names_the_zone_in_words(report):
+    # Five zones: chance is about 0.2. The recorded figures on 300 rows are 0.80 and 0.77 (bench/RESULTS.md).
+    assert report["overall"]["zone_acc_text"] >= 0.65
+    assert report["overall"]["agreement"] >= 0.60
 
 
 @pytest.mark.xfail(strict=True, reason="known gap: the issue's target (0.90) is not reached yet (bench/RESULTS.md)")
