@@ -17,9 +17,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Options pass through: make serve ARGS="--port 3001 --model prsmed-tiny"
 serve: $(STAMP)
-	@$(VENV)/bin/prsmed serve --help >/dev/null 2>&1 || { echo "the service is not part of this version yet; see README.md"; exit 1; }
-	$(VENV)/bin/prsmed serve
+	$(VENV)/bin/prsmed serve $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -26,12 +26,14 @@ def _mount_commands() -> None:
     # Each family's commands live beside the code they drive; importing them is cheap (no torch at import).
     from prsmed.data.cli import data_app
     from prsmed.eval.cli import eval_command, eval_masks_command
+    from prsmed.infer.cli import predict_command
     from prsmed.train.cli import train
 
     app.add_typer(data_app, name="data")
     app.command("train")(train)
     app.command("eval")(eval_command)
     app.command("eval-masks")(eval_masks_command)
+    app.command("predict")(predict_command)
 
 
 _mount_commands()
@@ -144,6 +146,33 @@ def convert_llava_med(
     except (ComponentError, ValueError, OSError) as e:
         _fail(str(e))
     console.print(f"wrote {dst}")
+
+
+@app.command("serve")
+def serve(
+    model: str = typer.Option("prsmed-tiny", "--model", help="Zoo preset to serve."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface for REST and gRPC (0.0.0.0 for all)."),
+    port: int = typer.Option(3000, "--port", help="REST port."),
+    grpc_port: int = typer.Option(50051, "--grpc-port", help="gRPC port (0: any free port, -1: no gRPC)."),
+    data_dir: Path = typer.Option(Path(".prsmed"), "--data-dir", help="Adapters, datasets, jobs and their database."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file",
+                                              help="File with the API token (else $PRSMED_API_TOKEN; none: open)."),
+    public_predict: bool = typer.Option(False, "--public-predict", help="Leave POST /v1/predict open to all."),
+    max_queue: int = typer.Option(8, "--max-queue", help="Fine-tuning jobs that may wait; more get 429."),
+    job_threads: Optional[int] = typer.Option(None, "--job-threads", help="CPU threads per training job."),
+) -> None:
+    """Start the service: REST on --port, gRPC on --grpc-port, fine-tuning jobs, on one warm model."""
+    try:
+        from prsmed_service.config import ServiceConfig
+        from prsmed_service.launcher import serve as launch
+    except ImportError as e:
+        _fail(f"the service needs its dependencies ({e}); install with `pip install ./sdk -e .` or use `make serve`")
+    if token_file is not None and not token_file.is_file():
+        _fail(f"--token-file {token_file} does not exist")
+    launch(ServiceConfig(model=model, host=host, port=port, grpc_port=grpc_port, data_dir=data_dir, device=device,
+                         token_file=token_file, public_predict=public_predict, max_queue=max_queue,
+                         job_threads=job_threads))
 
 
 def main() -> None:

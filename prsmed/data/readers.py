@@ -31,6 +31,7 @@ import io
 import os
 import re
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,10 +210,27 @@ def _decode(source: Source, name: str | None, orientation: str = "radiological")
     return _decode_raster(data, path, label, fmt), selection
 
 
+# Larger rasters are refused from their header, before any pixel is decoded: a 30000x30000 PNG of a few kilobytes
+# would otherwise take gigabytes. The limit is Pillow's own warning threshold (about 9459x9459), above any
+# radiology or dermoscopy format.
+MAX_PIXELS = 89_478_485
+
+
 def _decode_raster(data: bytes | None, path: Path | None, label: str, fmt: str) -> _Decoded:
     try:
-        img = Image.open(io.BytesIO(data) if data is not None else path)
+        with warnings.catch_warnings():  # sizes Pillow only warns about are refused below, with a clearer message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data) if data is not None else path)
+        if img.width * img.height > MAX_PIXELS:
+            raise ImageReadError(
+                f"{label}: {img.width}x{img.height} pixels is more than the {MAX_PIXELS:,} this reader accepts "
+                f"(a decompression bomb, or an image to downscale first)"
+            )
         img.load()
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{label}: refused as a decompression bomb ({e})") from e
     except Exception as e:  # Pillow raises many types for damaged input; all mean "cannot decode"
         raise ImageReadError(f"{label}: corrupt or truncated {fmt.upper()} data ({type(e).__name__}: {e})") from e
     mode = img.mode

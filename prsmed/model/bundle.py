@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +201,18 @@ def verify_bundle(bundle_dir: str | Path) -> AdapterManifest:
     return manifest
 
 
-def load_bundle(bundle_dir: str | Path, model) -> AdapterManifest:
-    """Verify ``bundle_dir`` and load it into ``model``; nothing is loaded if any check fails."""
+@dataclass
+class BundleWeights:
+    """A verified bundle read into memory and checked against a model, ready to be applied (again and again)."""
+
+    path: Path
+    manifest: AdapterManifest
+    parts: dict[str, dict[str, Any]]  # part name -> state dict
+    lora: dict[str, Any] | None  # PEFT state dict of the LoRA weights
+
+
+def read_bundle(bundle_dir: str | Path, model) -> BundleWeights:
+    """Verify ``bundle_dir``, check it was made for ``model`` and that every tensor fits; touches no weight."""
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir)
     spec: ModelSpec = model.spec
@@ -221,7 +232,6 @@ def load_bundle(bundle_dir: str | Path, model) -> AdapterManifest:
             )
     states = {part: read_state_dict(bundle_dir / f"{part}.safetensors") for part in manifest.parts}
     lora_state = read_state_dict(bundle_dir / "lora" / "adapter_model.safetensors") if manifest.lora else None
-    # Check everything fits before loading anything, so a bad bundle leaves the model as it was.
     for part, state in states.items():
         module = getattr(model, part)
         if module is None:
@@ -232,13 +242,24 @@ def load_bundle(bundle_dir: str | Path, model) -> AdapterManifest:
             raise BundleError(str(e)) from e
     if lora_state is not None:
         _check_lora(model, lora_state, source=str(bundle_dir / "lora"))
-    for part, state in states.items():
+    return BundleWeights(bundle_dir, manifest, states, lora_state)
+
+
+def apply_bundle(weights: BundleWeights, model) -> None:
+    """Copy checked bundle weights into ``model`` (see :func:`read_bundle`)."""
+    for part, state in weights.parts.items():
         getattr(model, part).load_state_dict(state, strict=True)
-    if lora_state is not None:
+    if weights.lora is not None:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model.peft_model, lora_state)
-    return manifest
+        set_peft_model_state_dict(model.peft_model, weights.lora)
+
+
+def load_bundle(bundle_dir: str | Path, model) -> AdapterManifest:
+    """Verify ``bundle_dir`` and load it into ``model``; nothing is loaded if any check fails."""
+    weights = read_bundle(bundle_dir, model)
+    apply_bundle(weights, model)
+    return weights.manifest
 
 
 def _check_lora(model, state: dict, *, source: str) -> None:

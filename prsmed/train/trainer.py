@@ -813,7 +813,7 @@ class Trainer:
         self.runlog.advance(rec)
         if self.step % self.config.log_every and self.step != self.total_steps:
             return
-        line = {"kind": "train", "step": self.step, "epoch": self._step_epoch(),
+        line = {"kind": "train", "step": self.step, "total_steps": self.total_steps, "epoch": self._step_epoch(),
                 "epoch_progress": round(self._epoch_progress(), 6), **rec, "bad_rows": len(self.bad_rows),
                 "elapsed_s": round(self.elapsed(), 3)}
         if self.step_times:

@@ -1,0 +1,50 @@
+"""``prsmed predict``: one question about one image, from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+
+def predict_command(
+    image: str = typer.Argument(..., help="PNG, JPEG, DICOM or NIfTI (pick a slice with 'scan.nii.gz#z=42')."),
+    question: str = typer.Option(..., "--question", "-q", help="What to ask about the image."),
+    model: str = typer.Option("prsmed-tiny", "--model", help="Zoo preset."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter bundle directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the mask here (PNG, 0/255, the image's size)."),
+    overlay_path: Optional[Path] = typer.Option(None, "--overlay", help="Write the image with the mask drawn over."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Answer a question about an image: the position in words and the lesion's mask."""
+    from prsmed.components import ComponentError
+    from prsmed.infer import AdapterNotFound, BundleError, InvalidInput, Predictor, load_image, mask_png, overlay
+    from prsmed.zoo import WeightsMissing
+
+    err = Console(stderr=True)
+    try:
+        predictor = Predictor(model, device=device)
+        result = predictor.predict(image, question, adapter=adapter)
+    except (InvalidInput, AdapterNotFound, BundleError, WeightsMissing, ComponentError, KeyError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2)
+    if out is not None:
+        out.write_bytes(mask_png(result.mask))
+    if overlay_path is not None:
+        overlay(load_image(image), result.mask).save(overlay_path)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    console = Console()
+    console.print(result.answer, highlight=False)
+    agree = "agrees" if result.consistent else "does NOT agree"
+    console.print(
+        f"mask zone: {result.zone} · text zone: {result.zone_from_text} ({agree}) · area "
+        f"{result.area_fraction:.1%} · bbox {result.bbox} · confidence {result.confidence:.2f} · "
+        f"{result.timings_ms['total']:.0f} ms",
+        highlight=False,
+    )

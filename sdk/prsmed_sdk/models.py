@@ -1,0 +1,124 @@
+"""The wire contract between the PRS-Med service and its clients.
+
+The service imports these models to validate what it sends and receives, so a client built from this module and
+the server can never disagree about a field. Only pydantic here: no torch, no numpy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Zone = Literal["top left", "top right", "bottom left", "bottom right", "center", "none"]
+JobState = Literal["queued", "running", "succeeded", "failed", "canceled", "interrupted", "preempted"]
+FINAL_JOB_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class PredictResponse(_Model):
+    answer: str
+    zone: Zone = Field(description="the predicted mask's zone by the authors' rule; 'none' for an empty mask")
+    zones: list[str] = Field(default_factory=list, description="one zone per described lesion (two for two lesions)")
+    zone_from_text: str = Field(description="the first zone the answer names, or 'none'")
+    zones_from_text: list[str] = Field(default_factory=list)
+    consistent: bool = Field(description="the answer names the same zones as the mask")
+    mask_png: str = Field(description="base64 PNG, 0/255, at the input image's size")
+    bbox: list[int] | None = Field(None, description="[x0, y0, x1, y1] inclusive, or null for an empty mask")
+    area_fraction: float
+    confidence: float
+    image_size: list[int] = Field(default_factory=list, description="[width, height]")
+    adapter: str | None = None
+    model: str = ""
+    cache_hit: bool = False
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelInfo(_Model):
+    name: str
+    revision: str
+    description: str
+    fingerprint: str
+    tags: list[str] = Field(default_factory=list)
+    serving: bool = Field(False, description="this is the model the server answers with")
+
+
+class PluginInfo(_Model):
+    name: str
+    version: str | None = None
+    distribution: str | None = None
+    builtin: bool = False
+    components: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class AdapterInfo(_Model):
+    name: str
+    base_model: str
+    base_revision: str
+    created_at: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    parts: list[str] = Field(default_factory=list)
+    lora: bool = True
+    resident: bool = Field(False, description="read into the server's memory, ready to swap in")
+
+
+class DatasetInfo(_Model):
+    id: str
+    name: str = ""
+    created_at: str = ""
+    size_bytes: int = 0
+    layout: str = ""
+    rows: int = 0
+    splits: dict[str, int] = Field(default_factory=dict)
+    modalities: dict[str, int] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+
+
+class JobRequest(_Model):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    dataset: str = Field(description="a dataset id from POST /v1/datasets")
+    base: str = Field("prsmed-tiny", description="zoo model to fine-tune")
+    epochs: int = Field(3, gt=0, le=1000)
+    batch_size: int = Field(8, gt=0, le=1024)
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    name: str | None = Field(None, description="the adapter's name once finished (default: the job id)")
+    options: dict[str, Any] = Field(default_factory=dict, description="more `prsmed train` options, e.g. max_steps")
+
+
+class JobInfo(_Model):
+    id: str
+    state: JobState
+    base: str
+    dataset: str
+    adapter_name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    created_at: str = ""
+    started_at: str | None = None
+    finished_at: str | None = None
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    eta_s: float | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    adapter: str | None = Field(None, description="the finished adapter's name, listed in GET /v1/adapters")
+    queue_position: int | None = None
+    attempts: int = 0
+
+
+class JobEvent(_Model):
+    """One server-sent event: ``event`` is its SSE event name, ``data`` its JSON payload."""
+
+    event: Literal["state", "step", "metrics", "end"]
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorBody(_Model):
+    error: str = Field(description="a short machine-readable kind: invalid_input, not_found, unauthorized, busy, ...")
+    message: str
+    retry_after_s: float | None = None
+    queue_position: int | None = None

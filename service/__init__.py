@@ -1,0 +1,1 @@
+"""The PRS-Med service: BentoML REST app, gRPC front, fine-tuning jobs. Installed as ``prsmed_service``."""

@@ -1,0 +1,236 @@
+"""The BentoML service: ``POST /v1/predict`` is a BentoML API; the other ``/v1`` routes are a FastAPI app mounted
+on the same server. Settings come from the environment (see :mod:`.config`), which ``prsmed serve`` fills.
+
+BentoML keeps ``/readyz`` (ready once the model is loaded: the service's ``__init__`` loads it), ``/livez``,
+``/metrics`` and ``/docs.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import bentoml
+from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from prsmed.infer.adapters import check_name
+from prsmed.infer import AdapterNotFound, BundleError, InvalidInput, mask_png
+from prsmed_sdk.models import AdapterInfo, DatasetInfo, ErrorBody, JobInfo, JobRequest, ModelInfo, PluginInfo, \
+    PredictResponse
+
+from .auth import load_token
+from .config import ServiceConfig
+from .datasets import DatasetError, DatasetNotFound, UploadTooLarge
+from .jobs import InvalidJob, JobNotFound, QueueFull
+from .middleware import AuthMiddleware, BodyLimitMiddleware
+from .runtime import Runtime, list_models
+
+log = logging.getLogger("prsmed.service")
+CONFIG = ServiceConfig.from_env()
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("the service is not started")
+    return _runtime
+
+
+def error(status: int, kind: str, message: str, **extra) -> JSONResponse:
+    headers = {}
+    if extra.get("retry_after_s") is not None:
+        headers["Retry-After"] = str(max(1, int(round(extra["retry_after_s"]))))
+    return JSONResponse(ErrorBody(error=kind, message=message, **extra).model_dump(exclude_none=True),
+                        status_code=status, headers=headers)
+
+
+def to_response(result, model: str) -> PredictResponse:
+    d = result.to_dict()
+    d.pop("image_size", None)
+    return PredictResponse(**d, image_size=list(result.image_size), model=model,
+                           mask_png=base64.b64encode(mask_png(result.mask)).decode())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The FastAPI app with every /v1 route but predict (mounted at /v1, so paths here have no prefix).
+
+api = FastAPI(title="PRS-Med service", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.get("/models", response_model=list[ModelInfo])
+def get_models():
+    return list_models(CONFIG.model)
+
+
+@api.get("/plugins", response_model=list[PluginInfo])
+def get_plugins():
+    from prsmed.registry import get_registry
+
+    out = []
+    for p in get_registry().plugins():
+        by_kind: dict[str, list[str]] = {}
+        for ref in p.components:  # "kind/name"
+            kind, _, name = ref.partition("/")
+            by_kind.setdefault(kind, []).append(name)
+        out.append(PluginInfo(name=p.name, version=p.version, distribution=p.distribution, builtin=p.builtin,
+                              components=by_kind))
+    return out
+
+
+@api.get("/adapters", response_model=list[AdapterInfo])
+def get_adapters():
+    rt = runtime()
+    resident = set(rt.predictor.resident_adapters())
+    return [AdapterInfo(**{k: v for k, v in a.to_dict().items() if k != "path"}, resident=a.name in resident)
+            for a in rt.predictor.store.list()]
+
+
+@api.post("/adapters/{name}/load", response_model=AdapterInfo)
+def load_adapter(name: str):
+    rt = runtime()
+    try:
+        info = rt.predictor.load_adapter(check_name(name))
+    except BundleError as e:  # before ValueError, of which it is one
+        return error(422, "invalid_adapter", str(e))
+    except ValueError as e:
+        return error(400, "invalid_input", str(e))
+    except AdapterNotFound as e:
+        return error(404, "not_found", str(e))
+    return AdapterInfo(**{k: v for k, v in info.to_dict().items() if k != "path"}, resident=True)
+
+
+@api.post("/datasets", response_model=DatasetInfo, status_code=201)
+def post_dataset(file: UploadFile = File(...), name: str = Form("")):
+    rt = runtime()
+    try:
+        return rt.datasets.add_zip(file.file, name=name or (file.filename or ""))
+    except UploadTooLarge as e:
+        return error(413, "too_large", str(e))
+    except DatasetError as e:
+        return error(400, "invalid_input", str(e))
+
+
+@api.get("/datasets", response_model=list[DatasetInfo])
+def get_datasets():
+    return runtime().datasets.list()
+
+
+@api.get("/datasets/{dataset_id}", response_model=DatasetInfo)
+def get_dataset(dataset_id: str):
+    try:
+        return runtime().datasets.get(dataset_id)
+    except DatasetNotFound as e:
+        return error(404, "not_found", str(e))
+
+
+@api.post("/jobs", response_model=JobInfo, status_code=201)
+def post_job(req: JobRequest):
+    try:
+        return runtime().jobs.submit(req)
+    except QueueFull as e:
+        return error(429, "busy", str(e), retry_after_s=e.retry_after_s, queue_position=e.queue_position)
+    except DatasetNotFound as e:
+        return error(404, "not_found", str(e))
+    except (InvalidJob, ValueError) as e:
+        return error(400, "invalid_input", str(e))
+
+
+@api.get("/jobs", response_model=list[JobInfo])
+def get_jobs():
+    return runtime().jobs.list()
+
+
+@api.get("/jobs/{job_id}", response_model=JobInfo)
+def get_job(job_id: str):
+    try:
+        return runtime().jobs.get(job_id)
+    except JobNotFound as e:
+        return error(404, "not_found", str(e))
+
+
+@api.post("/jobs/{job_id}/cancel", response_model=JobInfo)
+def cancel_job(job_id: str):
+    try:
+        return runtime().jobs.cancel(job_id)
+    except JobNotFound as e:
+        return error(404, "not_found", str(e))
+
+
+@api.post("/jobs/{job_id}/resume", response_model=JobInfo)
+def resume_job(job_id: str):
+    try:
+        return runtime().jobs.resume(job_id)
+    except JobNotFound as e:
+        return error(404, "not_found", str(e))
+    except InvalidJob as e:
+        return error(409, "conflict", str(e))
+
+
+@api.get("/jobs/{job_id}/events")
+def job_events(job_id: str):
+    jobs = runtime().jobs
+    try:
+        jobs.get(job_id)
+    except JobNotFound as e:
+        return error(404, "not_found", str(e))
+
+    def stream():
+        for event in jobs.events(job_id):
+            yield f"event: {event.event}\ndata: {json.dumps(event.data, default=str)}\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The BentoML service.
+
+
+@bentoml.service(name="prsmed", workers=1, threads=CONFIG.threads, traffic={"timeout": 600})
+@bentoml.asgi_app(api, path="/v1")
+class PrsMed:
+    def __init__(self) -> None:
+        global _runtime
+        _runtime = Runtime.start(CONFIG)
+        self.rt = _runtime
+
+    def __is_ready__(self) -> bool:
+        return self.rt is not None
+
+    @bentoml.api(route="/v1/predict")
+    def predict(self, image: Path, question: str, adapter: Optional[str] = None,
+                slice: Optional[str] = None) -> PredictResponse:
+        """Segmentation with reasoning: the answer, the zone of the mask and of the text, and the mask.
+
+        ``image``: PNG, JPEG, DICOM or NIfTI; ``slice`` picks a NIfTI slice or DICOM frame ("z=42", "frame=3").
+        """
+        try:
+            if adapter:
+                check_name(adapter)  # a store name: clients do not get to point the server at its own files
+            data = Path(image).read_bytes()
+            name = f"upload#{slice}" if slice else "upload"
+            result = self.rt.batcher.predict(data, question, adapter=adapter or None, filename=name)
+        except BundleError as e:  # before ValueError, of which it is one
+            return error(422, "invalid_adapter", str(e))
+        except (InvalidInput, ValueError) as e:
+            return error(400, "invalid_input", str(e))
+        except AdapterNotFound as e:
+            return error(404, "not_found", str(e))
+        return to_response(result, self.rt.config.model)
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.rt.close()
+
+
+# Starlette runs the first-added middleware outermost: auth first, so an unauthenticated upload is refused before
+# its size matters or its body is read.
+PrsMed.add_asgi_middleware(AuthMiddleware, token=load_token(CONFIG.token_file), public_predict=CONFIG.public_predict)
+PrsMed.add_asgi_middleware(
+    BodyLimitMiddleware,
+    limits={"/v1/predict": CONFIG.max_predict_bytes, "/v1/datasets": CONFIG.max_dataset_bytes},
+)

@@ -1,0 +1,67 @@
+"""Start ``prsmed serve`` as a real process on 127.0.0.1 for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    grpc_port: int
+    data_dir: Path
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+
+def start_server(data_dir: Path, *args: str, env: dict | None = None, timeout: float = 120) -> Server:
+    """``prsmed serve`` on free ports with its state in ``data_dir``; returns once ``/readyz`` answers 200."""
+    port, grpc_port = free_port(), free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "prsmed.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port),
+           "--data-dir", str(data_dir), *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=data_dir,
+                                start_new_session=True)
+    server = Server(proc, f"http://127.0.0.1:{port}", grpc_port, data_dir, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prsmed serve exited with {proc.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"prsmed serve was not ready after {timeout} s:\n{server.log_tail()}")

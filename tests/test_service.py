@@ -1,0 +1,167 @@
+"""``prsmed serve`` as a real process on 127.0.0.1, talked to with httpx, BentoML's own client and gRPC."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import struct
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving import start_server
+
+ZONES = {"top left", "top right", "bottom left", "bottom right", "center", "none"}
+
+
+def png_bytes(size=(96, 80), seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size[1], size[0])) * 80).astype(np.uint8)
+    arr[10:30, 12:34] = 220  # a bright blob in the top left
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(w=30000, h=30000) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("serve"), env={"PRSMED_SERVE_MAX_PREDICT_BYTES": str(2 * 2**20)})
+    yield srv
+    srv.stop()
+
+
+def predict(url, image: bytes, question="Where is the lesion?", **fields):
+    files = {"image": ("scan.png", image, "application/octet-stream")}
+    return httpx.post(url + "/v1/predict", files=files, data={"question": question, **fields}, timeout=60)
+
+
+def test_predict_over_rest(server):
+    image = png_bytes()
+    r = predict(server.url, image)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["zone"] in ZONES and body["zone_from_text"] in ZONES
+    assert isinstance(body["answer"], str) and body["answer"]
+    assert body["consistent"] == (sorted(body["zones"]) == sorted(body["zones_from_text"]))
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+    assert mask.shape == (80, 96) and set(np.unique(mask)) <= {0, 255}
+    assert body["area_fraction"] == pytest.approx((mask > 0).mean(), abs=1e-6)
+    if body["bbox"] is not None:
+        x0, y0, x1, y1 = body["bbox"]
+        assert 0 <= x0 <= x1 < 96 and 0 <= y0 <= y1 < 80
+    assert 0.0 <= body["confidence"] <= 1.0 and body["timings_ms"]["total"] > 0
+    assert body["model"] == "prsmed-tiny"
+    # The same picture again: the vision encoder's output comes from the cache.
+    again = predict(server.url, image, "Which side is it on?").json()
+    assert again["cache_hit"] is True and again["timings_ms"]["encoder"] == 0.0
+
+
+def test_bentoml_client(server, tmp_path):
+    import bentoml
+
+    path = tmp_path / "scan.png"
+    path.write_bytes(png_bytes(seed=3))
+    with bentoml.SyncHTTPClient(server.url) as client:
+        out = client.predict(image=path, question="Where is the lesion?")
+    assert out["zone"] in ZONES and out["answer"]
+
+
+@pytest.mark.parametrize(
+    "image, question, fields, status, words",
+    [
+        (b"this is not an image at all", "Where?", {}, 400, "unrecognised format"),
+        (png_bytes()[:200], "Where?", {}, 400, "truncated"),
+        (bomb_png(), "Where?", {}, 400, "decompression bomb"),
+        (png_bytes(), "   ", {}, 400, "question is empty"),
+        (png_bytes(), "x" * 2001, {}, 400, "at most 2000"),
+        (png_bytes(), "Where?", {"adapter": "no-such-adapter"}, 404, "unknown adapter"),
+        (b"\x89PNG" + b"\0" * (3 * 2**20), "Where?", {}, 413, "limit"),
+    ],
+    ids=["not-an-image", "truncated-png", "decompression-bomb", "empty-question", "long-question",
+         "unknown-adapter", "oversized"],
+)
+def test_bad_input_is_refused_and_server_keeps_serving(server, image, question, fields, status, words):
+    r = predict(server.url, image, question, **fields)
+    assert r.status_code == status, r.text
+    assert words in r.json()["message"]
+    assert predict(server.url, png_bytes(seed=5)).status_code == 200
+
+
+def test_listing_routes_and_bentoml_routes(server):
+    models = httpx.get(server.url + "/v1/models").json()
+    assert {m["name"] for m in models} >= {"prsmed-tiny", "prsmed-llava-med-7b"}
+    assert [m["name"] for m in models if m["serving"]] == ["prsmed-tiny"]
+    plugins = httpx.get(server.url + "/v1/plugins").json()
+    assert any("tinysam" in p["components"].get("vision_encoder", []) for p in plugins)
+    assert httpx.get(server.url + "/v1/adapters").json() == []
+    r = httpx.post(server.url + "/v1/adapters/nothing-here/load")
+    assert r.status_code == 404 and "unknown adapter" in r.json()["message"]
+    assert httpx.get(server.url + "/livez").status_code == 200
+    assert httpx.get(server.url + "/readyz").status_code == 200
+    assert "bentoml" in httpx.get(server.url + "/metrics").text
+    assert "/v1/predict" in httpx.get(server.url + "/docs.json").json()["paths"]
+
+
+def test_grpc_through_prsmed_serve(server):
+    import grpc
+
+    from prsmed_service.grpc_server import PrsMedStub, load_protos
+
+    protos = load_protos()
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        stub = PrsMedStub(channel)
+        out = stub.Predict(protos.PredictRequest(image=png_bytes(), question="Where is the lesion?"), timeout=60)
+        assert out.zone in ZONES and out.answer
+        assert Image.open(io.BytesIO(out.mask_png)).size == (96, 80)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(protos.PredictRequest(image=b"garbage", question="Where?"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_token_auth_and_public_predict(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-value\n")
+    srv = start_server(tmp_path / "data", "--token-file", str(token_file), "--public-predict")
+    try:
+        import grpc
+
+        from prsmed_service.grpc_server import PrsMedStub, load_protos
+
+        protos = load_protos()
+        with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+            stub = PrsMedStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ListModels(protos.ListModelsRequest(), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            listed = stub.ListModels(protos.ListModelsRequest(), timeout=30,
+                                     metadata=[("authorization", "Bearer s3cret-token-value")])
+            assert [m.name for m in listed.models if m.serving] == ["prsmed-tiny"]
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        wrong = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "s3cret" not in wrong.text
+        ok = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer s3cret-token-value"})
+        assert ok.status_code == 200
+        assert httpx.get(srv.url + "/readyz").status_code == 200
+        assert predict(srv.url, png_bytes()).status_code == 200  # --public-predict
+    finally:
+        srv.stop()
+    assert "s3cret-token-value" not in srv.log.read_text(errors="replace")
+
+
+def test_server_stops_cleanly_on_sigterm(tmp_path):
+    srv = start_server(tmp_path / "data", "--grpc-port", "-1")
+    srv.stop(signal.SIGTERM)
+    assert srv.proc.returncode is not None
