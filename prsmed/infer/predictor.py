@@ -180,6 +180,7 @@ class Predictor:
         self.threshold = threshold
         self._base = _Base(self.model)
         self._resident: OrderedDict[str, BundleWeights] = OrderedDict()
+        self._info: dict[str, AdapterInfo] = {}
         self._active: str | None = None
         self._lock = threading.RLock()
         self.cache = LRUCache(cache_size)
@@ -192,19 +193,21 @@ class Predictor:
         with self._lock:
             if name in self._resident and not reload:
                 self._resident.move_to_end(name)
-                return adapter_info(name, path)
+                return self._info[name]
             weights = read_bundle(path, self.model)
             if name == self._active:
                 self._active = "\0stale"  # force a fresh copy on next use
             self._resident[name] = weights
+            self._info[name] = adapter_info(name, path)
             self._resident.move_to_end(name)
             self.cache.drop(lambda key: key[0] == name)
             while len(self._resident) > self.max_resident:
                 evicted, _ = self._resident.popitem(last=False)
+                self._info.pop(evicted, None)
                 self.cache.drop(lambda key, n=evicted: key[0] == n)
                 if evicted == self._active:
                     self._active = "\0stale"
-        return adapter_info(name, path)
+            return self._info[name]
 
     def resident_adapters(self) -> list[str]:
         with self._lock:
@@ -241,25 +244,22 @@ class Predictor:
             question = check_question(req.question)
             image = load_image(req.image, req.filename)
             prepared.append((req, question, image, (time.perf_counter() - t0) * 1000))
-        adapters = {req.adapter or None for req in requests}
-        for name in adapters:
-            if name is not None:
-                self.load_adapter(name)
+        refs = {req.adapter or None for req in requests}
+        names = {ref: (None if ref is None else self.load_adapter(ref).name) for ref in refs}
         results: list[PredictResult | None] = [None] * len(requests)
-        for name in adapters:
-            idx = [i for i, (req, *_) in enumerate(prepared) if (req.adapter or None) == name]
-            for i, res in zip(idx, self._run([prepared[i] for i in idx], name)):
+        for ref in refs:
+            idx = [i for i, (req, *_) in enumerate(prepared) if (req.adapter or None) == ref]
+            for i, res in zip(idx, self._run([prepared[i] for i in idx], ref, names[ref])):
                 results[i] = res
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _run(self, batch: list, adapter: str | None) -> list[PredictResult]:
+    def _run(self, batch: list, ref: str | None, name: str | None) -> list[PredictResult]:
         images = [image for _, _, image, _ in batch]
         keys = [image_key(im) for im in images]
         with self._lock:
-            if adapter is not None and adapter not in self._resident:
-                self.load_adapter(adapter)  # evicted by another thread's load since predict_batch checked
-            name = None if adapter is None else self.store.resolve(adapter)[0]
+            if name is not None and name not in self._resident:
+                self.load_adapter(ref)  # evicted by another thread's load since predict_batch read it
             self._activate(name)
             owner = self._cache_owner(name)
             t0 = time.perf_counter()
