@@ -162,6 +162,15 @@ def test_token_auth_and_public_predict(tmp_path):
 
 
 def test_server_stops_cleanly_on_sigterm(tmp_path):
+    import os
+    import subprocess
+
     srv = start_server(tmp_path / "data", "--grpc-port", "-1")
-    srv.stop(signal.SIGTERM)
-    assert srv.proc.returncode is not None
+    os.killpg(srv.proc.pid, signal.SIGTERM)
+    try:
+        srv.proc.wait(60)  # on its own, without the SIGKILL a stuck server would need
+    except subprocess.TimeoutExpired:
+        srv.stop(signal.SIGKILL)
+        pytest.fail(f"prsmed serve ignored SIGTERM for 60 s:\n{srv.log_tail()}")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(srv.url + "/livez", timeout=5)

@@ -93,7 +93,7 @@ def load_image(image: ImageInput, filename: str | None = None) -> Image.Image:
     """Any accepted input as 8-bit RGB; :class:`InvalidInput` with the reader's reason otherwise."""
     try:
         if isinstance(image, Image.Image):
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")
         if isinstance(image, np.ndarray):
             return _from_array(image)
         if isinstance(image, (bytes, bytearray, memoryview)):
@@ -129,30 +129,6 @@ def _from_array(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
 
 
-class _Base:
-    """The base model's own weights for the parts a bundle may replace, captured once."""
-
-    def __init__(self, model) -> None:
-        self.parts = {
-            part: {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()}
-            for part in ("vision_encoder", "fusion_head", "modality_head")
-            if getattr(model, part) is not None
-        }
-        self.lora = None
-        if model.peft_model is not None:
-            from peft.utils import get_peft_model_state_dict
-
-            self.lora = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.peft_model).items()}
-
-    def apply(self, model) -> None:
-        for part, state in self.parts.items():
-            getattr(model, part).load_state_dict(state, strict=True)
-        if self.lora is not None:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model.peft_model, self.lora)
-
-
 class Predictor:
     """Answers and masks from one warm model. ``model`` is a zoo name or a built :class:`PRSMedModel`."""
 
@@ -178,7 +154,7 @@ class Predictor:
         self.max_resident = max(1, max_resident_adapters)
         self.max_new_tokens = max_new_tokens
         self.threshold = threshold
-        self._base = _Base(self.model)
+        self._base = BundleWeights.capture(self.model)  # what "no adapter" restores
         self._resident: OrderedDict[str, BundleWeights] = OrderedDict()
         self._info: dict[str, AdapterInfo] = {}
         self._active: str | None = None
@@ -217,10 +193,10 @@ class Predictor:
         if name == self._active:
             return
         if name is None:
-            self._base.apply(self.model)
+            apply_bundle(self._base, self.model)
         else:
             # Parts the bundle does not carry go back to the base weights first.
-            self._base.apply(self.model)
+            apply_bundle(self._base, self.model)
             apply_bundle(self._resident[name], self.model)
         self._active = name
 

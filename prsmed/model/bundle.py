@@ -203,12 +203,28 @@ def verify_bundle(bundle_dir: str | Path) -> AdapterManifest:
 
 @dataclass
 class BundleWeights:
-    """A verified bundle read into memory and checked against a model, ready to be applied (again and again)."""
+    """Weights for the parts a bundle may replace, in memory and checked against a model, ready to be applied (again
+    and again): read from a bundle (:func:`read_bundle`), or captured from a model (:meth:`capture`)."""
 
-    path: Path
-    manifest: AdapterManifest
+    path: Path | None
+    manifest: AdapterManifest | None
     parts: dict[str, dict[str, Any]]  # part name -> state dict
     lora: dict[str, Any] | None  # PEFT state dict of the LoRA weights
+
+    @classmethod
+    def capture(cls, model) -> "BundleWeights":
+        """A copy of ``model``'s own weights for every part a bundle may carry, to restore them later."""
+        parts = {
+            part: {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()}
+            for part in PARTS
+            if getattr(model, part) is not None
+        }
+        lora = None
+        if model.peft_model is not None:
+            from peft.utils import get_peft_model_state_dict
+
+            lora = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.peft_model).items()}
+        return cls(None, None, parts, lora)
 
 
 def read_bundle(bundle_dir: str | Path, model) -> BundleWeights:
