@@ -175,6 +175,39 @@ def serve(
                          job_threads=job_threads))
 
 
+@app.command("demo")
+def demo(
+    url: Optional[str] = typer.Option(None, "--url", help="A running server (prsmed serve); else a model in-process."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="PRSMED_API_TOKEN", show_envvar=True,
+                                        help="The server's API token (with --url)."),
+    model: str = typer.Option("prsmed-tiny", "--model", help="Zoo preset, in-process mode."),
+    adapter_dir: Path = typer.Option(Path(".prsmed/adapters"), "--adapter-dir", help="Adapters, in-process mode."),
+    device: str = typer.Option("cpu", "--device", help="In-process mode: cpu, cuda, ..."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface for the demo page."),
+    port: int = typer.Option(7860, "--port", help="Port for the demo page."),
+) -> None:
+    """The Gradio demo alone: against a server through the SDK (--url; fine-tuning included), or on a model in this
+    process (asking only). A server already shows the same demo at /ui."""
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from prsmed_demo import ClientBackend, LocalBackend, build_demo
+
+    if url:
+        from prsmed_sdk import Client
+
+        client = Client(url, token=token)
+        if not client.ready():
+            _fail(f"no ready PRS-Med server at {url}; start one with `prsmed serve` (or drop --url)")
+        backend = ClientBackend(client)
+    else:
+        from prsmed.infer import Predictor
+
+        backend = LocalBackend(Predictor(model, device=device, adapter_dir=adapter_dir), model)
+    console.print(f"demo on http://{host}:{port} ({backend.describe()})")
+    build_demo(backend).launch(server_name=host, server_port=port, show_error=True, footer_links=[])
+
+
 def main() -> None:
     try:
         app()

@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Optional
 
 import bentoml
+import gradio as gr
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from prsmed.infer.adapters import check_name
+from prsmed_demo import LocalBackend, build_demo
 from prsmed.infer import AdapterNotFound, BundleError, InvalidInput, mask_png
 from prsmed_sdk.models import AdapterInfo, DatasetInfo, ErrorBody, JobInfo, JobRequest, ModelInfo, PluginInfo, \
     PredictResponse
 
-from .auth import load_token
+from .auth import load_token, token_matches
 from .config import ServiceConfig
 from .datasets import DatasetError, DatasetNotFound, UploadTooLarge
 from .jobs import InvalidJob, JobNotFound, QueueFull
@@ -187,11 +189,34 @@ def job_events(job_id: str):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# The Gradio demo at /ui, on the same model, dataset store and job manager (no HTTP round trip to itself). A browser
+# cannot send a bearer header, so with a token configured Gradio asks for a login: any user name, the token as the
+# password.
+
+
+def _demo_backend() -> LocalBackend:
+    rt = runtime()
+    return LocalBackend(rt.batcher, rt.config.model, store=rt.predictor.store, load=rt.predictor.load_adapter,
+                        datasets=rt.datasets, jobs=rt.jobs)
+
+
+_TOKEN = load_token(CONFIG.token_file)
+ui = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+ui = gr.mount_gradio_app(
+    ui, build_demo(_demo_backend), path="",
+    auth=(lambda _user, password: token_matches(password, _TOKEN)) if _TOKEN else None,
+    auth_message="This server needs its API token: any user name, the token as the password.",
+    footer_links=[], ssr_mode=False, max_file_size=CONFIG.max_dataset_bytes,
+)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # The BentoML service.
 
 
 @bentoml.service(name="prsmed", workers=1, threads=CONFIG.threads, traffic={"timeout": 600})
 @bentoml.asgi_app(api, path="/v1")
+@bentoml.asgi_app(ui, path="/ui")
 class PrsMed:
     def __init__(self) -> None:
         global _runtime
@@ -229,7 +254,7 @@ class PrsMed:
 
 # Starlette runs the first-added middleware outermost: auth first, so an unauthenticated upload is refused before
 # its size matters or its body is read.
-PrsMed.add_asgi_middleware(AuthMiddleware, token=load_token(CONFIG.token_file), public_predict=CONFIG.public_predict)
+PrsMed.add_asgi_middleware(AuthMiddleware, token=_TOKEN, public_predict=CONFIG.public_predict)
 PrsMed.add_asgi_middleware(
     BodyLimitMiddleware,
     limits={"/v1/predict": CONFIG.max_predict_bytes, "/v1/datasets": CONFIG.max_dataset_bytes},

@@ -31,3 +31,10 @@ def bearer_ok(authorization: str | None, token: str | None) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+def token_matches(candidate: str | None, token: str | None) -> bool:
+    """A password typed into the demo's login against the token, in constant time."""
+    if token is None:
+        return True
+    return bool(candidate) and hmac.compare_digest(candidate.strip().encode(), token.encode())

@@ -19,6 +19,9 @@ def serve(config: ServiceConfig) -> None:
     # data dir, not the home directory.
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
     env.setdefault("BENTOML_HOME", str((config.data_dir / "bentoml").resolve()))
+    # The demo at /ui: no analytics calls, and its uploads and outputs under the data dir, not /tmp/gradio.
+    env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    env.setdefault("GRADIO_TEMP_DIR", str((config.data_dir / "gradio").resolve()))
     if config.token_file is not None:
         env["PRSMED_SERVE_TOKEN_FILE"] = str(config.token_file.resolve())
     argv = [sys.executable, "-m", "bentoml", "serve", "prsmed_service.app:PrsMed", "--host", config.host,

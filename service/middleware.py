@@ -26,7 +26,8 @@ def _header(scope, name: bytes) -> str | None:
 
 class AuthMiddleware:
     """Every ``/v1`` route needs ``Authorization: Bearer <token>`` when a token is configured; health, metrics and
-    API docs stay open, and ``public_predict`` opens ``POST /v1/predict`` too."""
+    API docs stay open, and ``public_predict`` opens ``POST /v1/predict`` too. ``/ui`` is guarded by the demo's own
+    login (a browser cannot send the header), which checks the same token."""
 
     def __init__(self, app, token: str | None = None, public_predict: bool = False) -> None:
         self.app = app
@@ -37,7 +38,7 @@ class AuthMiddleware:
         if scope["type"] != "http" or self.token is None:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        protected = path.startswith("/v1") or path.startswith("/ui")
+        protected = path.startswith("/v1")
         if self.public_predict and path.rstrip("/") == "/v1/predict":
             protected = False
         if protected and not bearer_ok(_header(scope, b"authorization"), self.token):

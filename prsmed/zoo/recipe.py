@@ -45,7 +45,7 @@ from torch import nn
 from prsmed.data.layout import load_records
 from prsmed.data.readers import read_image, read_mask
 from prsmed.data.synth import synthesize
-from prsmed.data.zones import ZONES
+from prsmed.data.zones import ZONES, find_components
 from prsmed.eval.runner import mask_zones
 from prsmed.weights import write_state_dict
 from prsmed.zoo.presets import ASSETS, PRESETS
@@ -64,6 +64,8 @@ class RecipeConfig:
     tower_steps: int = 600
     tower_batch: int = 64
     tower_lr: float = 2e-3
+    cell_target: str = "fraction"  # per-token target of the tower stage: "fraction" or "presence"
+    token_zones: bool = False  # tower stage: each lesion token also predicts its lesion's zone
     grounding_steps: int = 3500
     grounding_batch: int = 16
     grounding_lr: float = 1e-3
@@ -74,11 +76,20 @@ class RecipeConfig:
     max_steps: int | None = None
 
 
-def _tower_targets(model, records) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CLIP pixels, per-token lesion fractions on the token grid, and multi-hot zones, for every record."""
+def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The projected image tokens (batch, tokens, hidden) the LLM reads for CLIP-preprocessed ``pixels``."""
+    feats = model.llm.model.model.get_image_features(pixel_values=pixels).pooler_output
+    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+
+def tower_targets(model, records, cell_target: str = "fraction") -> tuple[torch.Tensor, ...]:
+    """For every record: CLIP pixels; per-token lesion targets on the token grid (the fraction of the patch that is
+    lesion, or whether any of it is: ``cell_target="presence"``); multi-hot zones; and per-token zones (the index
+    in ZONES of the lesion a token's patch touches, -100 for tokens on no lesion)."""
     backbone = model.llm
     grid = int(math.isqrt(model.contracts["llm"].image_tokens))
-    pixels, cells, zones = [], [], []
+    pool = F.adaptive_max_pool2d if cell_target == "presence" else F.adaptive_avg_pool2d
+    pixels, cells, zones, token_zones = [], [], [], []
     for start in range(0, len(records), 64):
         chunk = records[start : start + 64]
         images = [read_image(r.image_path) for r in chunk]
@@ -87,28 +98,47 @@ def _tower_targets(model, records) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             mask = read_mask(r.mask_path)
             h, w = mask.shape
             side = max(h, w)  # the tower sees the image padded to a square, centred, as LLaVA's "pad"
-            square = np.zeros((side, side), dtype=np.float32)
             top, left = (side - h) // 2, (side - w) // 2
+            square = np.zeros((side, side), dtype=np.float32)
             square[top : top + h, left : left + w] = mask
-            t = torch.from_numpy(square)[None, None]
-            cells.append(F.adaptive_avg_pool2d(t, grid).flatten())
+            cells.append(pool(torch.from_numpy(square)[None, None], grid).flatten())
             hot = torch.zeros(len(ZONES))
             for z in mask_zones(mask):
                 if z in ZONES:
                     hot[ZONES.index(z)] = 1
             zones.append(hot)
-    return torch.cat(pixels), torch.stack(cells), torch.stack(zones)
+            per_token = torch.full((grid * grid,), -100, dtype=torch.long)
+            for comp in find_components(mask):
+                x0, y0, x1, y1 = comp.bbox
+                part = np.zeros_like(square)
+                part[top + y0 : top + y1 + 1, left + x0 : left + x1 + 1] = \
+                    square[top + y0 : top + y1 + 1, left + x0 : left + x1 + 1]
+                touched = F.adaptive_max_pool2d(torch.from_numpy(part)[None, None], grid).flatten() > 0
+                per_token[touched] = ZONES.index(comp.zone)
+            token_zones.append(per_token)
+    return torch.cat(pixels), torch.stack(cells), torch.stack(zones), torch.stack(token_zones)
 
 
-def train_tower(model, records, cfg: RecipeConfig) -> dict[str, float]:
+@dataclass
+class TowerStage:
+    """What stage 1 leaves: its last logged figures and the auxiliary heads (the recipe throws the heads away;
+    ``bench/tower_probe.py`` uses the zone head to measure how much position the tower carries)."""
+
+    stats: dict[str, float]
+    token_head: nn.Linear
+    zone_head: nn.Linear
+
+
+def train_tower(model, records, cfg: RecipeConfig) -> TowerStage:
     """Stage 1: teach the LLM's tower and projector to carry where the lesion is."""
     llava = model.llm.model.model  # transformers LlavaModel: vision_tower + multi_modal_projector
     params = _tower_params(model)
     hidden = model.contracts["llm"].hidden_size
     tokens = model.contracts["llm"].image_tokens
-    token_head = nn.Linear(hidden, 3)  # lesion fraction logit, x, y of the token's patch
+    # Per token: lesion logit, x and y of the token's patch, and (with cfg.token_zones) the zone of its lesion.
+    token_head = nn.Linear(hidden, 3 + (len(ZONES) if cfg.token_zones else 0))
     zone_head = nn.Linear(tokens * hidden, len(ZONES))
-    pixels, cells, zones = _tower_targets(model, records)
+    pixels, cells, zones, token_zones = tower_targets(model, records, cfg.cell_target)
     grid = int(math.isqrt(tokens))
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
     coords = torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # raster order, as the tokens come
@@ -120,20 +150,23 @@ def train_tower(model, records, cfg: RecipeConfig) -> dict[str, float]:
     stats = {}
     for step in range(cfg.tower_steps):
         idx = torch.randint(0, len(pixels), (cfg.tower_batch,), generator=gen)
-        feats = llava.get_image_features(pixel_values=pixels[idx]).pooler_output
-        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        feats = tower_features(model, pixels[idx])
         per_token = token_head(feats)
         cell_loss = F.binary_cross_entropy_with_logits(per_token[..., 0], cells[idx])
-        coord_loss = F.mse_loss(per_token[..., 1:], coords.expand_as(per_token[..., 1:]))
+        coord_loss = F.mse_loss(per_token[..., 1:3], coords.expand_as(per_token[..., 1:3]))
         zone_logits = zone_head(feats.flatten(1))
         zone_loss = F.binary_cross_entropy_with_logits(zone_logits, zones[idx])
-        _optimizer_step(opt, sched, cell_loss + coord_loss + zone_loss, params)
+        loss = cell_loss + coord_loss + zone_loss
+        if cfg.token_zones and (token_zones[idx] >= 0).any():
+            loss = loss + F.cross_entropy(per_token[..., 3:].reshape(-1, len(ZONES)), token_zones[idx].reshape(-1),
+                                          ignore_index=-100)
+        _optimizer_step(opt, sched, loss, params)
         if step % 50 == 0 or step == cfg.tower_steps - 1:
             exact = ((zone_logits > 0) == (zones[idx] > 0.5)).all(dim=1).float().mean().item()
             stats = {"step": step, "cell_loss": cell_loss.item(), "coord_loss": coord_loss.item(),
                      "zone_loss": zone_loss.item(), "zone_exact": exact}
             log.info("tower stage %s", stats)
-    return stats
+    return TowerStage(stats, token_head, zone_head)
 
 
 def _tower_params(model) -> list[nn.Parameter]:
@@ -267,7 +300,7 @@ def build_tiny(work_dir: str | Path, cfg: RecipeConfig | None = None, *, assets_
     written = save_assets(model, assets_dir)
     summary = {
         "recipe": cfg.__dict__,
-        "tower_stage": tower,
+        "tower_stage": tower.stats,
         "grounding_stage": grounding,
         "joint_stage": {"status": result.status, "steps": result.step},
         "seconds": {"tower": round(t_tower, 1), "grounding": round(t_grounding, 1),

@@ -1,0 +1,179 @@
+"""The Gradio demo mounted at /ui of a real ``prsmed serve``: driven by ``gradio_client`` and by a real headless
+Chromium (Debian's, through Selenium; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prsmed.data.synth import synthesize
+from prsmed_demo.app import BASE, example_images
+from prsmed_sdk import Client
+from serving import start_server
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("demo-serve"), "--grpc-port", "-1")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def ui(server):
+    from gradio_client import Client as GradioClient
+
+    return GradioClient(server.url + "/ui/", verbose=False)
+
+
+def test_ask_through_the_mounted_demo_matches_the_api(server, ui):
+    from gradio_client import handle_file
+
+    example = example_images()[0]
+    shown, answer, zone, agree, timings = ui.predict(handle_file(example), "Where is the lesion in this image?",
+                                                     BASE, api_name="/ask")
+    with Client(server.url) as c:
+        api = c.predict(np.asarray(Image.open(example).convert("RGB")), "Where is the lesion in this image?")
+    assert (answer, zone) == (api.answer, api.zone)
+    assert agree.startswith("yes" if api.consistent else "no")
+    assert timings["total"] > 0 and timings["round_trip"] >= timings["total"]
+    drawn = np.asarray(Image.open(shown).convert("RGB"))
+    source = np.asarray(Image.open(example).convert("RGB"))
+    assert drawn.shape == source.shape
+    changed = (drawn != source).any(axis=-1)
+    assert changed[api.mask].mean() > 0.9 and not changed[~api.mask].any()  # tinted where the mask is, only there
+
+
+def test_demo_reports_bad_input_without_breaking(ui):
+    from gradio_client import handle_file
+
+    with pytest.raises(Exception, match="question"):
+        ui.predict(handle_file(example_images()[0]), "   ", BASE, api_name="/ask")
+    with pytest.raises(Exception, match="no-such-adapter"):
+        ui.predict(handle_file(example_images()[0]), "Where?", "no-such-adapter", api_name="/ask")
+    assert ui.predict(api_name="/list_adapters")["data"] == []  # still answering
+
+
+@pytest.mark.slow
+def test_finetune_tab_runs_a_job_to_an_adapter(ui, tmp_path):
+    from gradio_client import handle_file
+
+    root = tmp_path / "ds"
+    synthesize(root, n=16, seed=5, size=64)
+    archive = tmp_path / "ds.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in root.rglob("*"):
+            if p.is_file():
+                z.write(p, p.relative_to(root).as_posix())
+    job_id, status, _ = ui.predict(handle_file(str(archive)), 1, 5e-4, "ui-adapter", api_name="/start_job")
+    assert job_id and ("queued" in status or "running" in status)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status, _ = ui.predict(job_id, api_name="/job_status")
+        if "succeeded" in status or "failed" in status:
+            break
+        time.sleep(1)
+    assert "succeeded" in status and "ui-adapter" in status
+    names = [row[0] for row in ui.predict(api_name="/list_adapters")["data"]]
+    assert names == ["ui-adapter"]
+    message, _ = ui.predict("ui-adapter", api_name="/load_adapter")
+    assert message.startswith("Loaded ui-adapter")
+
+
+@pytest.mark.skipif((CHROMIUM is None or CHROMEDRIVER is None) and not os.environ.get("PRSMED_REQUIRE_BROWSER"),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_browser_uploads_an_image_asks_and_sees_the_overlay(server, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser or driver online
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1100"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.get(server.url + "/ui/")
+        wait = WebDriverWait(driver, 90)
+        upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+        upload.send_keys(os.path.abspath(example_images()[0]))
+        time.sleep(1.0)  # let the component take the file before the click reads it
+        wait.until(EC.element_to_be_clickable((By.ID, "ask"))).click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#overlay img"))
+        answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value"))
+        shot = tmp_path / "demo.png"
+        driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    with Client(server.url) as c:
+        expected = c.predict(np.asarray(Image.open(example_images()[0]).convert("RGB")),
+                             "Where is the lesion in this image?").answer
+    assert answer == expected
+    picture = Image.open(io.BytesIO(shot.read_bytes()))
+    assert picture.size[0] >= 800 and len(np.unique(np.asarray(picture.convert("L")))) > 10  # a rendered page, not blank
+
+
+def test_prsmed_demo_runs_alone_in_process(tmp_path):
+    import subprocess
+    import sys
+
+    import httpx
+
+    from serving import free_port
+
+    port = free_port()
+    log = tmp_path / "demo.log"
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "prsmed.cli", "demo", "--port", str(port), "--adapter-dir",
+                                 str(tmp_path / "adapters")], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        from gradio_client import Client as GradioClient
+        from gradio_client import handle_file
+
+        ui = GradioClient(f"http://127.0.0.1:{port}/", verbose=False)
+        _, answer, zone, _, _ = ui.predict(handle_file(example_images()[0]), "Where is the lesion?", BASE,
+                                           api_name="/ask")
+        assert answer and zone
+        archive = tmp_path / "ds.zip"
+        with zipfile.ZipFile(archive, "w") as z:
+            z.writestr("manifest.jsonl", "")
+        with pytest.raises(Exception, match="needs a server"):
+            ui.predict(handle_file(str(archive)), 1, 1e-4, "", api_name="/start_job")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_prsmed_demo_url_without_a_server_says_so():
+    import subprocess
+    import sys
+
+    from serving import free_port
+
+    out = subprocess.run([sys.executable, "-m", "prsmed.cli", "demo", "--url", f"http://127.0.0.1:{free_port()}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no ready PRS-Med server" in out.stdout + out.stderr
