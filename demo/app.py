@@ -1,7 +1,8 @@
 """The demo's Gradio Blocks: **Ask**, **Fine-tune** and **Adapters** tabs over a :mod:`.backends` backend.
 
 Every handler takes plain values and returns plain values, so ``gradio_client`` can call each one by its API name
-(``/ask``, ``/start_job``, ``/job_status``, ``/cancel_job``, ``/list_adapters``, ``/load_adapter``).
+(``/ask``, ``/start_job``, ``/job_status``, ``/cancel_job``, ``/list_adapters``, ``/load_adapter``,
+``/pull_adapter``, ``/push_adapter``).
 """
 
 from __future__ import annotations
@@ -93,6 +94,24 @@ def build_demo(backend: Backend | Callable[[], Backend], *, title: str = "PRS-Me
             raise gr.Error(str(e)) from e
         return f"Loaded {info['name']} (base {info['base_model']}).", list_adapters()
 
+    def pull_adapter(ref, hf_token):
+        if not ref or not ref.strip():
+            raise gr.Error("Type a Hub reference: owner/name or owner/name@revision.")
+        try:
+            info = get().pull(ref.strip(), hf_token or None)
+        except Exception as e:
+            raise gr.Error(str(e)) from e
+        return f"Pulled {ref.strip()} as **{info['name']}** (verified; base {info['base_model']}).", list_adapters()
+
+    def push_adapter(name, repo_id, private, hf_token):
+        if not name or not repo_id:
+            raise gr.Error("Type the adapter's name and the Hub repository (owner/name).")
+        try:
+            out = get().push(name.strip(), repo_id.strip(), bool(private), hf_token or None)
+        except Exception as e:
+            raise gr.Error(str(e)) from e
+        return f"Pushed {name.strip()} to {out['repo_id']}@{out['revision']} (commit {out['commit'][:12]})."
+
     def start_job(dataset, epochs, lr, name):
         if not getattr(get(), "can_finetune", False):
             raise gr.Error("Fine-tuning needs a server: start `prsmed serve` and open its /ui, or run "
@@ -170,8 +189,22 @@ def build_demo(backend: Backend | Callable[[], Backend], *, title: str = "PRS-Me
                 load_btn = gr.Button("Load")
                 list_btn = gr.Button("Refresh")
             loaded = gr.Markdown()
+            gr.Markdown("**Hugging Face Hub.** A token typed here is sent with that one request and not kept.")
+            with gr.Row():
+                hub_ref = gr.Textbox(label="Pull: owner/name[@revision]")
+                hub_token = gr.Textbox(label="Hub token (private repositories)", type="password")
+                pull_btn = gr.Button("Pull")
+            with gr.Row():
+                push_name = gr.Textbox(label="Push: adapter name")
+                push_repo = gr.Textbox(label="to repository owner/name")
+                push_private = gr.Checkbox(label="private", value=True)
+                push_btn = gr.Button("Push")
+            pushed = gr.Markdown()
             load_btn.click(load_adapter, to_load, [loaded, table], api_name="load_adapter")
             list_btn.click(list_adapters, None, table, api_name="list_adapters")
+            pull_btn.click(pull_adapter, [hub_ref, hub_token], [loaded, table], api_name="pull_adapter")
+            push_btn.click(push_adapter, [push_name, push_repo, push_private, hub_token], pushed,
+                           api_name="push_adapter")
         demo.load(refresh_adapters, None, adapter, api_name=False)
     return demo
 

@@ -16,6 +16,8 @@ class Backend(Protocol):
     def start_job(self, dataset_zip: str, epochs: int, lr: float, name: str | None) -> dict: ...
     def job(self, job_id: str) -> dict: ...
     def cancel(self, job_id: str) -> dict: ...
+    def pull(self, ref: str, hf_token: str | None) -> dict: ...
+    def push(self, name: str, repo_id: str, private: bool, hf_token: str | None) -> dict: ...
 
 
 class ClientBackend:
@@ -47,6 +49,12 @@ class ClientBackend:
 
     def cancel(self, job_id: str) -> dict:
         return self.client.jobs.get(job_id).cancel().model_dump(mode="json")
+
+    def pull(self, ref: str, hf_token: str | None) -> dict:
+        return self.client.adapters.pull(ref, hf_token=hf_token).model_dump()
+
+    def push(self, name: str, repo_id: str, private: bool, hf_token: str | None) -> dict:
+        return self.client.adapters.push(name, repo_id, private=private, hf_token=hf_token).model_dump()
 
 
 class LocalBackend:
@@ -94,3 +102,14 @@ class LocalBackend:
 
     def cancel(self, job_id: str) -> dict:
         return self.jobs.cancel(job_id).model_dump(mode="json")
+
+    def pull(self, ref: str, hf_token: str | None) -> dict:
+        name = self.store.pull(ref, token=hf_token, expect_model=self.model_name)
+        return self.load_adapter(name)
+
+    def push(self, name: str, repo_id: str, private: bool, hf_token: str | None) -> dict:
+        from prsmed.hub import push
+        from prsmed.infer.adapters import check_name
+
+        _, path = self.store.resolve(check_name(name))
+        return push(path, repo_id, private=private, token=hf_token)

@@ -175,6 +175,47 @@ def serve(
                          job_threads=job_threads))
 
 
+@app.command("push")
+def push_command(
+    bundle: Path = typer.Argument(..., help="Adapter bundle directory (e.g. RUN/adapter)."),
+    repo_id: str = typer.Argument(..., help="Hub model repository, owner/name."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created from main)."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit message."),
+) -> None:
+    """Upload an adapter bundle to the Hugging Face Hub (token: HF_TOKEN or the saved login; never printed)."""
+    from prsmed.hub import HubError, push
+    from prsmed.model.bundle import BundleError
+
+    try:
+        out = push(bundle, repo_id, private=private, revision=revision, commit_message=commit_message)
+    except (HubError, BundleError, ValueError) as e:
+        _fail(str(e), 1)
+    console.print(f"pushed {bundle} to {out['repo_id']}@{out['revision']} (commit {out['commit'][:12]}): {out['url']}")
+
+
+@app.command("pull")
+def pull_command(
+    ref: str = typer.Argument(..., help="owner/name[@revision] or hf://owner/name[@revision]."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Install the bundle here instead of the adapter store."),
+    store: Path = typer.Option(Path(".prsmed/adapters"), "--store", help="The adapter store (prsmed serve's)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Refuse an adapter made for another base model."),
+    force: bool = typer.Option(False, "--force", help="Download again even if it is already installed."),
+) -> None:
+    """Download an adapter from the Hub, verify every file and the base model, and install it."""
+    from prsmed.hub import HubError, HubRef, pull
+    from prsmed.model.bundle import BundleError
+
+    try:
+        hub_ref = HubRef.parse(ref)
+        dest = pull(hub_ref, to or store / hub_ref.store_name, expect_model=model, force=force)
+    except (HubError, BundleError, ValueError) as e:
+        _fail(str(e), 1)
+    source = dest / "hub_source.json"
+    commit = json.loads(source.read_text()).get("commit", "")[:12] if source.is_file() else ""
+    console.print(f"installed {hub_ref} (commit {commit}) at {dest}; use it as --adapter {dest.name if to is None else dest}")
+
+
 @app.command("demo")
 def demo(
     url: Optional[str] = typer.Option(None, "--url", help="A running server (prsmed serve); else a model in-process."),

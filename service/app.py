@@ -15,14 +15,15 @@ from typing import Optional
 
 import bentoml
 import gradio as gr
-from fastapi import FastAPI, File, Form, UploadFile
+from fastapi import FastAPI, File, Form, Header, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from prsmed.hub import HubError, is_hub_ref, push as hub_push
 from prsmed.infer.adapters import check_name
 from prsmed_demo import LocalBackend, build_demo
 from prsmed.infer import AdapterNotFound, BundleError, InvalidInput, mask_png
-from prsmed_sdk.models import AdapterInfo, DatasetInfo, ErrorBody, JobInfo, JobRequest, ModelInfo, PluginInfo, \
-    PredictResponse
+from prsmed_sdk.models import AdapterInfo, DatasetInfo, ErrorBody, HubPullRequest, HubPushRequest, HubPushResult, \
+    JobInfo, JobRequest, ModelInfo, PluginInfo, PredictResponse
 
 from .auth import load_token, token_matches
 from .config import ServiceConfig
@@ -48,6 +49,24 @@ def error(status: int, kind: str, message: str, **extra) -> JSONResponse:
         headers["Retry-After"] = str(max(1, int(round(extra["retry_after_s"]))))
     return JSONResponse(ErrorBody(error=kind, message=message, **extra).model_dump(exclude_none=True),
                         status_code=status, headers=headers)
+
+
+HUB_KINDS = {404: "not_found", 401: "hub_unauthorized"}
+
+
+def hub_error(e: HubError) -> JSONResponse:
+    return error(e.status, HUB_KINDS.get(e.status, "hub_error"), str(e))
+
+
+def resolve_adapter(rt: Runtime, adapter: str | None, hf_token: str | None) -> str | None:
+    """A store name for the request's adapter: a Hub reference is pulled into the store on first use, with the
+    request's own token (``X-HF-Token``) for that download only; anything else must be a plain store name, so
+    clients cannot point the server at its own files."""
+    if not adapter:
+        return None
+    if is_hub_ref(adapter):
+        return rt.predictor.store.pull(adapter, token=hf_token or None, expect_model=rt.config.model)
+    return check_name(adapter)
 
 
 def to_response(result, model: str) -> PredictResponse:
@@ -103,6 +122,42 @@ def load_adapter(name: str):
     except AdapterNotFound as e:
         return error(404, "not_found", str(e))
     return AdapterInfo(**{k: v for k, v in info.to_dict().items() if k != "path"}, resident=True)
+
+
+@api.post("/adapters/pull", response_model=AdapterInfo)
+def pull_adapter(req: HubPullRequest, x_hf_token: Optional[str] = Header(None)):
+    """Install a Hub adapter in the store (verified: every file's hash, and the base model is the served one)."""
+    rt = runtime()
+    try:
+        name = rt.predictor.store.pull(req.ref, token=x_hf_token or None, expect_model=rt.config.model,
+                                       force=req.force)
+        info = rt.predictor.load_adapter(name, reload=req.force)
+    except HubError as e:
+        return hub_error(e)
+    except BundleError as e:  # before ValueError, of which it is one
+        return error(422, "invalid_adapter", str(e))
+    except ValueError as e:
+        return error(400, "invalid_input", str(e))
+    return AdapterInfo(**{k: v for k, v in info.to_dict().items() if k != "path"}, resident=True)
+
+
+@api.post("/adapters/{name}/push", response_model=HubPushResult)
+def push_adapter(name: str, req: HubPushRequest, x_hf_token: Optional[str] = Header(None)):
+    """Upload a stored adapter to the Hub, with the request's token (else the server's own HF_TOKEN / login)."""
+    rt = runtime()
+    try:
+        _, path = rt.predictor.store.resolve(check_name(name))
+        out = hub_push(path, req.repo_id, private=req.private, revision=req.revision,
+                       commit_message=req.commit_message, token=x_hf_token or None)
+    except HubError as e:
+        return hub_error(e)
+    except BundleError as e:
+        return error(422, "invalid_adapter", str(e))
+    except ValueError as e:
+        return error(400, "invalid_input", str(e))
+    except AdapterNotFound as e:
+        return error(404, "not_found", str(e))
+    return HubPushResult(**out)
 
 
 @api.post("/datasets", response_model=DatasetInfo, status_code=201)
@@ -228,17 +283,28 @@ class PrsMed:
 
     @bentoml.api(route="/v1/predict")
     def predict(self, image: Path, question: str, adapter: Optional[str] = None,
-                slice: Optional[str] = None) -> PredictResponse:
+                slice: Optional[str] = None, *, ctx: bentoml.Context) -> PredictResponse:
         """Segmentation with reasoning: the answer, the zone of the mask and of the text, and the mask.
 
-        ``image``: PNG, JPEG, DICOM or NIfTI; ``slice`` picks a NIfTI slice or DICOM frame ("z=42", "frame=3").
+        ``image``: PNG, JPEG, DICOM or NIfTI; ``slice`` picks a NIfTI slice or DICOM frame ("z=42", "frame=3");
+        ``adapter``: a store name or a Hub reference ``hf://owner/name@revision`` (header ``X-HF-Token`` for a
+        private one).
         """
+        out = self._predict(image, question, adapter, slice, ctx.request.headers.get("x-hf-token"))
+        # BentoML gives an API with a context parameter the context's status, whatever the returned response says.
+        if isinstance(out, JSONResponse):
+            ctx.response.status_code = out.status_code
+        return out
+
+    def _predict(self, image: Path, question: str, adapter: Optional[str], slice: Optional[str],
+                 hf_token: Optional[str]):
         try:
-            if adapter:
-                check_name(adapter)  # a store name: clients do not get to point the server at its own files
+            adapter = resolve_adapter(self.rt, adapter, hf_token)
             data = Path(image).read_bytes()
             name = f"upload#{slice}" if slice else "upload"
-            result = self.rt.batcher.predict(data, question, adapter=adapter or None, filename=name)
+            result = self.rt.batcher.predict(data, question, adapter=adapter, filename=name)
+        except HubError as e:
+            return hub_error(e)
         except BundleError as e:  # before ValueError, of which it is one
             return error(422, "invalid_adapter", str(e))
         except (InvalidInput, ValueError) as e:

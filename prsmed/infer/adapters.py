@@ -59,8 +59,9 @@ def adapter_info(name: str, path: Path) -> AdapterInfo:
 class AdapterStore:
     """Bundles under ``root`` by directory name, plus any bundle directory given by path."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, *, hub_endpoint: str | None = None) -> None:
         self.root = Path(root) if root is not None else None
+        self.hub_endpoint = hub_endpoint  # None: huggingface_hub's own (HF_ENDPOINT, else the Hub)
         self._extra: dict[str, Path] = {}
 
     def register(self, name: str, path: str | Path) -> None:
@@ -72,9 +73,35 @@ class AdapterStore:
             found |= {p.parent.name for p in self.root.glob(f"*/{MANIFEST}")}
         return sorted(found)
 
+    def pull(self, ref: str, *, token: str | None = None, expect_model: str | None = None,
+             force: bool = False) -> str:
+        """Install a Hub reference (``hf://owner/name@revision``) in the store on first use and return its store
+        name; later calls find it there without asking the Hub (the revision stays pinned to what was pulled).
+        ``token`` is used for this download only. Raises :class:`~prsmed.hub.HubError` or ``BundleError``."""
+        from prsmed.hub import HubRef, pull
+
+        hub_ref = HubRef.parse(ref)
+        name = hub_ref.store_name
+        if not force and (name in self._extra or (self.root is not None and (self.root / name / MANIFEST).is_file())):
+            return name
+        if self.root is None:  # a store without a directory keeps Hub pulls in the user's cache
+            from prsmed.zoo.presets import weights_home
+
+            path = pull(hub_ref, weights_home().parent / "adapters" / name, token=token, expect_model=expect_model,
+                        force=force, endpoint=self.hub_endpoint)
+            self._extra[name] = path
+            return name
+        pull(hub_ref, self.root / name, token=token, expect_model=expect_model, force=force,
+             endpoint=self.hub_endpoint)
+        return name
+
     def resolve(self, ref: str | Path) -> tuple[str, Path]:
-        """(name, bundle directory) for a store name or a bundle path; :class:`AdapterNotFound` otherwise."""
+        """(name, bundle directory) for a store name, a bundle path, or a Hub reference (``hf://owner/name@rev``,
+        pulled on first use with the ambient token); :class:`AdapterNotFound` otherwise."""
         text = str(ref)
+        if text.startswith("hf://"):
+            name = self.pull(text)
+            return name, self._extra.get(name) or self.root / name
         if text in self._extra:
             return text, self._extra[text]
         if NAME.match(text) and self.root is not None and (self.root / text / MANIFEST).is_file():

@@ -14,7 +14,9 @@ def predict_command(
     image: str = typer.Argument(..., help="PNG, JPEG, DICOM or NIfTI (pick a slice with 'scan.nii.gz#z=42')."),
     question: str = typer.Option(..., "--question", "-q", help="What to ask about the image."),
     model: str = typer.Option("prsmed-tiny", "--model", help="Zoo preset."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter bundle directory."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter: a name in --adapter-dir, a bundle "
+                                          "directory, or hf://owner/name@revision (pulled and verified once)."),
+    adapter_dir: Path = typer.Option(Path(".prsmed/adapters"), "--adapter-dir", help="The adapter store."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the mask here (PNG, 0/255, the image's size)."),
     overlay_path: Optional[Path] = typer.Option(None, "--overlay", help="Write the image with the mask drawn over."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
@@ -22,14 +24,15 @@ def predict_command(
 ) -> None:
     """Answer a question about an image: the position in words and the lesion's mask."""
     from prsmed.components import ComponentError
+    from prsmed.hub import HubError
     from prsmed.infer import AdapterNotFound, BundleError, InvalidInput, Predictor, load_image, mask_png, overlay
     from prsmed.zoo import WeightsMissing
 
     err = Console(stderr=True)
     try:
-        predictor = Predictor(model, device=device)
+        predictor = Predictor(model, device=device, adapter_dir=adapter_dir)
         result = predictor.predict(image, question, adapter=adapter)
-    except (InvalidInput, AdapterNotFound, BundleError, WeightsMissing, ComponentError, KeyError) as e:
+    except (InvalidInput, AdapterNotFound, BundleError, HubError, WeightsMissing, ComponentError, KeyError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2)
     if out is not None:

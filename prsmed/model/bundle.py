@@ -97,13 +97,23 @@ returns its mask. This bundle holds a LoRA adapter for the LLM and the trained v
 ```
 
 ## Loading
+With `prsmed` (every file is checked against `adapter_manifest.json` and the base model against your installation):
+```bash
+prsmed pull OWNER/REPO                     # installs it in .prsmed/adapters, or --to DIR
+prsmed predict scan.png -q "Where is the lesion?" --adapter hf://OWNER/REPO
+```
 ```python
-from prsmed.zoo import build_model
+from prsmed_sdk import Client              # against a running `prsmed serve`
+Client().predict("scan.png", "Where is the lesion?", adapter="hf://OWNER/REPO")
+
+from prsmed.zoo import build_model         # or in-process, from a downloaded copy
 from prsmed.model.bundle import load_bundle
 model = build_model("{manifest.base.name}")
 load_bundle("path/to/this/bundle", model)
 ```
-The `lora/` folder is a plain PEFT adapter for the base LLM (`PeftModel.from_pretrained(llm, "lora")`).
+With plain PEFT, the `lora/` folder is an ordinary adapter for the base LLM:
+`PeftModel.from_pretrained(llm, "OWNER/REPO", subfolder="lora")` (the vision encoder and fusion head weights are the
+`*.safetensors` files beside it).
 """
 
 

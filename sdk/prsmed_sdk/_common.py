@@ -61,6 +61,11 @@ def headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def hub_headers(hf_token: str | None) -> dict[str, str]:
+    """The per-request Hugging Face token header; the server uses it for that request's download only."""
+    return {"X-HF-Token": hf_token} if hf_token else {}
+
+
 def check(response: httpx.Response) -> httpx.Response:
     """The response, or the typed error the server's answer means."""
     if response.is_success:

@@ -10,12 +10,14 @@ from typing import AsyncIterator
 
 import httpx
 
-from ._common import (DEFAULT_URL, RETRY_STATUSES, Retry, Watcher, check, headers, image_part, pack_dataset,
+from ._common import (DEFAULT_URL, RETRY_STATUSES, Retry, Watcher, check, headers, hub_headers, image_part,
+                      pack_dataset,
                       SseParser, predict_form, unreachable)
 from .answer import Answer
 from .client import dataset_source
 from .errors import PrsMedError
-from .models import AdapterInfo, DatasetInfo, JobEvent, JobInfo, JobRequest, ModelInfo, PluginInfo
+from .models import (AdapterInfo, DatasetInfo, HubPullRequest, HubPushRequest, HubPushResult, JobEvent, JobInfo,
+                     JobRequest, ModelInfo, PluginInfo)
 
 
 class AsyncClient:
@@ -59,10 +61,11 @@ class AsyncClient:
             return check(response)
         raise AssertionError("unreachable")
 
-    async def predict(self, image, question: str, adapter: str | None = None) -> Answer:
+    async def predict(self, image, question: str, adapter: str | None = None, hf_token: str | None = None) -> Answer:
         part, slice_ = image_part(image)
         form = predict_form(question, adapter, slice_)
-        response = await self._request("POST", "/v1/predict", data=form, files={"image": part})
+        response = await self._request("POST", "/v1/predict", data=form, files={"image": part},
+                                       headers=hub_headers(hf_token))
         answer = Answer.model_validate(response.json())
         answer._image = image
         return answer
@@ -189,6 +192,19 @@ class AsyncAdapters:
 
     async def load(self, name: str) -> AdapterInfo:
         return AdapterInfo.model_validate((await self._client._request("POST", f"/v1/adapters/{name}/load")).json())
+
+    async def pull(self, ref: str, force: bool = False, hf_token: str | None = None) -> AdapterInfo:
+        body = HubPullRequest(ref=ref, force=force).model_dump()
+        response = await self._client._request("POST", "/v1/adapters/pull", json=body, headers=hub_headers(hf_token))
+        return AdapterInfo.model_validate(response.json())
+
+    async def push(self, name: str, repo_id: str, private: bool = False, revision: str | None = None,
+                   commit_message: str | None = None, hf_token: str | None = None) -> HubPushResult:
+        body = HubPushRequest(repo_id=repo_id, private=private, revision=revision,
+                              commit_message=commit_message).model_dump(exclude_none=True)
+        response = await self._client._request("POST", f"/v1/adapters/{name}/push", json=body,
+                                                headers=hub_headers(hf_token))
+        return HubPushResult.model_validate(response.json())
 
 
 class AsyncDatasets:

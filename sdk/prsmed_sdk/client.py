@@ -10,11 +10,13 @@ from typing import Iterator
 
 import httpx
 
-from ._common import (DEFAULT_URL, RETRY_STATUSES, Retry, Watcher, check, headers, image_part, pack_dataset,
+from ._common import (DEFAULT_URL, RETRY_STATUSES, Retry, Watcher, check, headers, hub_headers, image_part,
+                      pack_dataset,
                       SseParser, predict_form, unreachable)
 from .answer import Answer
 from .errors import PrsMedError
-from .models import AdapterInfo, DatasetInfo, JobEvent, JobInfo, JobRequest, ModelInfo, PluginInfo
+from .models import (AdapterInfo, DatasetInfo, HubPullRequest, HubPushRequest, HubPushResult, JobEvent, JobInfo,
+                     JobRequest, ModelInfo, PluginInfo)
 
 DATASET_ID = re.compile(r"^[0-9a-f]{12}$")
 
@@ -63,12 +65,15 @@ class Client:
 
     # -- inference -------------------------------------------------------------------------------------------------
 
-    def predict(self, image, question: str, adapter: str | None = None) -> Answer:
+    def predict(self, image, question: str, adapter: str | None = None, hf_token: str | None = None) -> Answer:
         """Ask where the lesion is. ``image``: a path (``scan.nii.gz#z=42`` picks a slice), bytes, a PIL image or a
-        numpy array. Returns an :class:`Answer` (``answer``, ``zone``, ``consistent``, ``mask``, ...)."""
+        numpy array. ``adapter``: a name in the server's store or a Hub reference ``hf://owner/name@revision``
+        (``hf_token`` for a private one: sent for that download only). Returns an :class:`Answer` (``answer``,
+        ``zone``, ``consistent``, ``mask``, ...)."""
         part, slice_ = image_part(image)
         form = predict_form(question, adapter, slice_)
-        response = self._request("POST", "/v1/predict", data=form, files={"image": part})
+        response = self._request("POST", "/v1/predict", data=form, files={"image": part},
+                                 headers=hub_headers(hf_token))
         answer = Answer.model_validate(response.json())
         answer._image = image
         return answer
@@ -225,6 +230,22 @@ class Adapters:
     def load(self, name: str) -> AdapterInfo:
         """Read an adapter into the server's memory ahead of its first request (verifies it, too)."""
         return AdapterInfo.model_validate(self._client._request("POST", f"/v1/adapters/{name}/load").json())
+
+    def pull(self, ref: str, force: bool = False, hf_token: str | None = None) -> AdapterInfo:
+        """Install a Hub adapter (``owner/name@revision``) in the server's store, verified; its ``name`` is what
+        ``predict(adapter=...)`` takes. ``hf_token`` (for a private repository) is used for that download only."""
+        body = HubPullRequest(ref=ref, force=force).model_dump()
+        response = self._client._request("POST", "/v1/adapters/pull", json=body, headers=hub_headers(hf_token))
+        return AdapterInfo.model_validate(response.json())
+
+    def push(self, name: str, repo_id: str, private: bool = False, revision: str | None = None,
+             commit_message: str | None = None, hf_token: str | None = None) -> HubPushResult:
+        """Upload an adapter from the server's store to the Hub (``hf_token``, else the server's own login)."""
+        body = HubPushRequest(repo_id=repo_id, private=private, revision=revision,
+                              commit_message=commit_message).model_dump(exclude_none=True)
+        response = self._client._request("POST", f"/v1/adapters/{name}/push", json=body,
+                                         headers=hub_headers(hf_token))
+        return HubPushResult.model_validate(response.json())
 
 
 class Datasets:

@@ -117,6 +117,27 @@ class JobEvent(_Model):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+class HubPullRequest(_Model):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    ref: str = Field(description="owner/name, owner/name@revision or hf://owner/name@revision")
+    force: bool = Field(False, description="download again even if this reference is already in the store")
+
+
+class HubPushRequest(_Model):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    repo_id: str = Field(description="the Hub model repository, owner/name (created if needed)")
+    private: bool = False
+    revision: str | None = Field(None, description="branch to commit to (created from main if needed)")
+    commit_message: str | None = None
+
+
+class HubPushResult(_Model):
+    repo_id: str
+    revision: str
+    commit: str
+    url: str = ""
+
+
 class ErrorBody(_Model):
     error: str = Field(description="a short machine-readable kind: invalid_input, not_found, unauthorized, busy, ...")
     message: str
