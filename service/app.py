@@ -323,5 +323,7 @@ class PrsMed:
 PrsMed.add_asgi_middleware(AuthMiddleware, token=_TOKEN, public_predict=CONFIG.public_predict)
 PrsMed.add_asgi_middleware(
     BodyLimitMiddleware,
-    limits={"/v1/predict": CONFIG.max_predict_bytes, "/v1/datasets": CONFIG.max_dataset_bytes},
+    # The demo's uploads (images, dataset zips) go through Gradio's own upload route under /ui.
+    limits={"/v1/predict": CONFIG.max_predict_bytes, "/v1/datasets": CONFIG.max_dataset_bytes,
+            "/ui": CONFIG.max_dataset_bytes},
 )

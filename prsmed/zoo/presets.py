@@ -59,7 +59,7 @@ TINY_PROMPT = "### User: {question} \n<image>\n### Assistant: \n"
 
 _TINY = ModelSpec(
     name="prsmed-tiny",
-    revision="2",
+    revision="3",
     prompt_template=TINY_PROMPT,
     vision_encoder=ComponentRef(
         name="tinysam",

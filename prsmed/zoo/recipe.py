@@ -5,15 +5,19 @@ LLM starts from random weights, and trained jointly from scratch it learns the m
 right zone: a random tower gives the LLM nothing about position to read. So, like LLaVA's own training, it goes in
 stages:
 
-1. **Tower stage.** Only the LLM's image tower and projector train, with auxiliary heads on the projected image
-   tokens: each token predicts how much of its own patch is lesion and where that patch is (its coordinates), and
-   the flattened tokens predict the lesion's zones. Afterwards a token's content says both "lesion here" and
-   "here is top left", so the LLM can find the zone by attending to lesion tokens, without decoding positions
-   itself. The auxiliary heads are thrown away.
+1. **Tower stage.** Only the LLM's tower and projector train, with auxiliary heads on the projected image tokens:
+   each token predicts whether its own patch touches a lesion, where that patch is (its coordinates), and which
+   zone that lesion lies in; the flattened tokens predict the lesion's zones. Afterwards a lesion token's content
+   says "lesion here, and it is the top-left one", so the LLM can name the zone by attending to lesion tokens,
+   without decoding positions or bounding boxes itself. The auxiliary heads are thrown away. (Measured with
+   ``bench/grounding_pilot.py``: per-token presence and zones instead of per-token lesion fractions took the
+   grounding stage from 0.79 to 0.87 zone accuracy on fresh images, lung CT from 0.40 to 0.52.)
 2. **Grounding stage.** With the tower frozen, only the LLM's text model trains, on the real questions with short
    answers that are just the zones ("top left and bottom right."). Every supervised token is then a zone word, so
    the LLM learns to read the zone from the image tokens. The questions are perturbed (:func:`noisy_question`) so
-   the answer comes to depend on the image alone, which carries it to question wordings it never saw.
+   the answer comes to depend on the image alone, which carries it to question wordings it never saw. Images with
+   two lesions (about 6% of the data) are drawn four times as often: at the natural rate the text model named both
+   zones for none of them (0.89 overall and 0.61 on two lesions with the oversampling).
 3. **Joint stage.** The ordinary trainer (structure + LM + modality losses) trains the vision encoder, the fusion
    head and the modality head to the end of the cosine schedule, on the grounding stage's answers. The whole LLM
    stays frozen: the fusion head learns to read the hidden states the grounding stage produced, and nothing can
@@ -64,8 +68,9 @@ class RecipeConfig:
     tower_steps: int = 600
     tower_batch: int = 64
     tower_lr: float = 2e-3
-    cell_target: str = "fraction"  # per-token target of the tower stage: "fraction" or "presence"
-    token_zones: bool = False  # tower stage: each lesion token also predicts its lesion's zone
+    cell_target: str = "presence"  # per-token target of the tower stage: "presence" or "fraction"
+    token_zones: bool = True  # tower stage: each lesion token also predicts its lesion's zone
+    multi_lesion_weight: float = 4.0  # grounding stage: how much more often images with two lesions are drawn
     grounding_steps: int = 3500
     grounding_batch: int = 16
     grounding_lr: float = 1e-3
@@ -224,10 +229,12 @@ def train_grounding(model, records, zones: dict, cfg: RecipeConfig) -> dict[str,
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     words = random.Random(cfg.seed + 2)
     pool = sorted({w for r in records for w in r.question.split()})
+    weights = torch.tensor([cfg.multi_lesion_weight if " and " in zones[r.mask_path] else 1.0 for r in records])
     model.llm.train()
     stats = {}
     for step in range(cfg.grounding_steps):
-        batch = [records[i] for i in torch.randint(0, len(records), (cfg.grounding_batch,), generator=gen)]
+        picks = torch.multinomial(weights, cfg.grounding_batch, replacement=True, generator=gen)
+        batch = [records[i] for i in picks]
         questions = [noisy_question(r.question, words, pool) for r in batch]
         inputs = model.llm.encode(model.prompts(questions),
                                   [images[r.image_path] for r in batch], [zones[r.mask_path] + "." for r in batch])
