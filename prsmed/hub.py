@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from prsmed.fileio import fsync_tree, replace_dir
 from prsmed.model.bundle import BundleError, verify_bundle
 
 SCHEME = "hf://"
@@ -190,13 +191,8 @@ def pull(ref: str | HubRef, dest: str | Path, *, token: str | None = None, endpo
                                                    "commit": commit, "endpoint": endpoint or _default_endpoint()},
                                                   indent=2) + "\n")
         verify_bundle(tmp)  # what was copied is what was checked
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        fsync_tree(tmp)
+        replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

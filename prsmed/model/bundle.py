@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import prsmed
-from prsmed.fileio import fsync_tree, sha256_file
+from prsmed.fileio import fsync_tree, replace_dir, sha256_file
 from prsmed.model.spec import LoraSpec, ModelSpec
 from prsmed.weights import CheckpointError, check_fits, read_state_dict, write_state_dict
 
@@ -158,13 +157,7 @@ def save_bundle(
         manifest.files["README.md"] = sha256_file(tmp / "README.md")
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
         fsync_tree(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

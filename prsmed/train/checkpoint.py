@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prsmed.fileio import fsync_dir, fsync_file, sha256_file
+from prsmed.fileio import fsync_dir, fsync_file, replace_dir, sha256_file
 from prsmed.weights import CheckpointError, read_state_dict, write_state_dict
 
 log = logging.getLogger(__name__)
@@ -188,13 +188,7 @@ class CheckpointManager:
         fsync_dir(tmp)
 
     def _commit(self, tmp: Path, final: Path) -> None:
-        if final.exists():
-            old = self.root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final, stale_prefix=f".old-{final.name}-")
         fsync_dir(self.root)
 
     def prune(self) -> None:
