@@ -112,6 +112,17 @@ def build_demo(backend: Backend | Callable[[], Backend], *, title: str = "PRS-Me
             raise gr.Error(str(e)) from e
         return f"Pushed {name.strip()} to {out['repo_id']}@{out['revision']} (commit {out['commit'][:12]})."
 
+    def plan(model, precision, batch_size, grad_ckpt, epochs, dataset_size):
+        options = {"model": model, "precision": precision, "grad_checkpointing": bool(grad_ckpt),
+                   "epochs": int(epochs), "dataset_size": int(dataset_size)}
+        if batch_size:
+            options["batch_size"] = int(batch_size)
+        try:
+            report = get().plan(options)
+        except Exception as e:
+            raise gr.Error(str(e)) from e
+        return _plan_summary(report), _plan_rows(report)
+
     def start_job(dataset, epochs, lr, name):
         if not getattr(get(), "can_finetune", False):
             raise gr.Error("Fine-tuning needs a server: start `prsmed serve` and open its /ui, or run "
@@ -205,8 +216,47 @@ def build_demo(backend: Backend | Callable[[], Backend], *, title: str = "PRS-Me
             pull_btn.click(pull_adapter, [hub_ref, hub_token], [loaded, table], api_name="pull_adapter")
             push_btn.click(push_adapter, [push_name, push_repo, push_private, hub_token], pushed,
                            api_name="push_adapter")
+        with gr.Tab("Plan"):
+            gr.Markdown("How much GPU memory a training run needs, which cloud GPU fits it and what it costs "
+                        "(`prsmed plan`). The first plan of the 7B model simulates its step, about a minute.")
+            with gr.Row():
+                plan_model = gr.Dropdown(PLAN_MODELS, value=PLAN_MODELS[0], label="Model")
+                plan_precision = gr.Dropdown(["bf16", "fp16", "fp32", "4bit"], value="bf16", label="Precision")
+                plan_batch = gr.Number(value=8, precision=0, label="Effective batch")
+                plan_ckpt = gr.Checkbox(label="Gradient checkpointing")
+            with gr.Row():
+                plan_epochs = gr.Number(value=20, precision=0, label="Epochs")
+                plan_rows = gr.Number(value=21040, precision=0, label="Training rows")
+                plan_btn = gr.Button("Plan", variant="primary")
+            plan_summary = gr.Markdown()
+            plan_table = gr.Dataframe(headers=PLAN_HEADERS, interactive=False)
+            plan_btn.click(plan, [plan_model, plan_precision, plan_batch, plan_ckpt, plan_epochs, plan_rows],
+                           [plan_summary, plan_table], api_name="plan")
         demo.load(refresh_adapters, None, adapter, api_name=False)
     return demo
+
+
+PLAN_MODELS = ["prsmed-llava-med-7b", "prsmed-sam-vit-b", "prsmed-tiny"]
+PLAN_HEADERS = ["platform", "GPU", "VRAM GB", "fits", "batch x accum", "GB", "hours", "$ on-demand", "$ spot", "notes"]
+
+
+def _plan_summary(report: dict) -> str:
+    m = report["memory_gb"]
+    return (f"**{report['model']}**: training at batch {m['batch']} needs **{m['total']} GB** (frozen weights "
+            f"{m['frozen_weights']}, trained + AdamW + gradients "
+            f"{round(m['trained_weights'] + m['optimizer_states'] + m['gradients'], 3)}, activations "
+            f"{m['activations_per_sample']}/sample, overhead {m['overhead']}); inference {m['inference']} GB.\n\n"
+            f"{report['recommendation']}")
+
+
+def _plan_rows(report: dict) -> list[list]:
+    rows = []
+    for r in report["rows"]:
+        notes = r["why"] or ""
+        rows.append([r["platform"] or "-", r["gpu_label"], r["vram_gb"], "yes" if r["fits"] else "no",
+                     f"{r['recommended_batch']} x {r['grad_accum']}" if r["fits"] else "-", r["memory_gb"],
+                     r["hours"], r["cost_usd"], r["cost_usd_spot"], notes])
+    return rows
 
 
 def _status(job: dict) -> str:

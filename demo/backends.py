@@ -18,6 +18,7 @@ class Backend(Protocol):
     def cancel(self, job_id: str) -> dict: ...
     def pull(self, ref: str, hf_token: str | None) -> dict: ...
     def push(self, name: str, repo_id: str, private: bool, hf_token: str | None) -> dict: ...
+    def plan(self, options: dict) -> dict: ...
 
 
 class ClientBackend:
@@ -55,6 +56,9 @@ class ClientBackend:
 
     def push(self, name: str, repo_id: str, private: bool, hf_token: str | None) -> dict:
         return self.client.adapters.push(name, repo_id, private=private, hf_token=hf_token).model_dump()
+
+    def plan(self, options: dict) -> dict:
+        return self.client.plan(**options).model_dump()
 
 
 class LocalBackend:
@@ -113,3 +117,8 @@ class LocalBackend:
 
         _, path = self.store.resolve(check_name(name))
         return push(path, repo_id, private=private, token=hf_token)
+
+    def plan(self, options: dict) -> dict:
+        from prsmed.plan.estimate import PlanOptions, plan
+
+        return plan(PlanOptions(**options))

@@ -27,6 +27,7 @@ def _mount_commands() -> None:
     from prsmed.data.cli import data_app
     from prsmed.eval.cli import eval_command, eval_masks_command
     from prsmed.infer.cli import predict_command
+    from prsmed.plan.cli import plan_app
     from prsmed.train.cli import train
 
     app.add_typer(data_app, name="data")
@@ -34,6 +35,7 @@ def _mount_commands() -> None:
     app.command("eval")(eval_command)
     app.command("eval-masks")(eval_masks_command)
     app.command("predict")(predict_command)
+    app.add_typer(plan_app, name="plan")
 
 
 _mount_commands()

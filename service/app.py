@@ -18,12 +18,13 @@ import gradio as gr
 from fastapi import FastAPI, File, Form, Header, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from prsmed.components import ComponentError
 from prsmed.hub import HubError, is_hub_ref, push as hub_push
 from prsmed.infer.adapters import check_name
 from prsmed_demo import LocalBackend, build_demo
 from prsmed.infer import AdapterNotFound, BundleError, InvalidInput, mask_png
 from prsmed_sdk.models import AdapterInfo, DatasetInfo, ErrorBody, HubPullRequest, HubPushRequest, HubPushResult, \
-    JobInfo, JobRequest, ModelInfo, PluginInfo, PredictResponse
+    JobInfo, JobRequest, ModelInfo, PlanReport, PlanRequest, PluginInfo, PredictResponse
 
 from .auth import load_token, token_matches
 from .config import ServiceConfig
@@ -100,6 +101,21 @@ def get_plugins():
         out.append(PluginInfo(name=p.name, version=p.version, distribution=p.distribution, builtin=p.builtin,
                               components=by_kind))
     return out
+
+
+@api.post("/plan", response_model=PlanReport)
+def post_plan(req: PlanRequest):
+    """The VRAM and cost planner (``prsmed plan``), with the server's own catalogue."""
+    from prsmed.plan.catalogue import CatalogueError
+    from prsmed.plan.estimate import PlanOptions, plan
+    from prsmed.plan.simulate import SimulationError
+
+    try:
+        return plan(PlanOptions(**req.model_dump()))
+    except (ComponentError, CatalogueError) as e:
+        return error(400, "invalid_input", str(e))
+    except SimulationError as e:
+        return error(422, "cannot_plan", str(e))
 
 
 @api.get("/adapters", response_model=list[AdapterInfo])

@@ -48,7 +48,7 @@ def start_server(data_dir: Path, *args: str, env: dict | None = None, timeout: f
     log = data_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "prsmed.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port),
            "--data-dir", str(data_dir), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PRSMED_PLAN_CACHE": "off", **(env or {})}
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=data_dir,
                                 start_new_session=True)

@@ -177,3 +177,11 @@ def test_prsmed_demo_url_without_a_server_says_so():
     out = subprocess.run([sys.executable, "-m", "prsmed.cli", "demo", "--url", f"http://127.0.0.1:{free_port()}"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "no ready PRS-Med server" in out.stdout + out.stderr
+
+
+def test_plan_tab_shows_memory_and_priced_rows(ui):
+    summary, table = ui.predict("prsmed-tiny", "bf16", 8, False, 1, 100, api_name="/plan")
+    assert "prsmed-tiny" in summary and "GB" in summary and "cheapest that fits" in summary
+    rows = table["data"]
+    assert rows and all(len(r) == 10 for r in rows)
+    assert any(r[1] == "H200 141GB" and r[3] == "yes" for r in rows)

@@ -225,3 +225,19 @@ def test_demo_login_takes_the_api_token(server):
         GradioClient(server.url + "/ui/", auth=("anyone", "wrong-token"), verbose=False)
     ui = GradioClient(server.url + "/ui/", auth=("anyone", TOKEN), verbose=False)
     assert ui.predict(api_name="/list_adapters")["headers"][0] == "name"
+
+
+def test_plan_through_the_service(client, server):
+    report = client.plan("prsmed-tiny", gpu="h100", epochs=1, dataset_size=100)
+    assert report.rows and {r.gpu for r in report.rows} == {"h100"}
+    assert all(r.fits and r.recommended_batch * r.grad_accum == 8 for r in report.rows)
+    assert report.memory_gb["total"] > report.memory_gb["overhead"] > 0
+    assert report.params["trainable"] > 0 and report.recommendation.startswith("cheapest that fits")
+    with pytest.raises(InvalidInput, match="unknown zoo model 'prsmed-nope'"):
+        client.plan("prsmed-nope")
+    with pytest.raises(InvalidInput, match="unknown GPU 'tpu'"):
+        client.plan("prsmed-tiny", gpu="tpu")
+    # The server reads only its own catalogue: a client cannot name a file on it.
+    bad = httpx.post(server.url + "/v1/plan", json={"model": "prsmed-tiny", "catalogue": "/etc/passwd"},
+                     headers={"Authorization": f"Bearer {TOKEN}"})
+    assert bad.status_code == 422 and "catalogue" in bad.text

@@ -3,13 +3,12 @@
 ``prsmed train`` and ``torchrun -m prsmed.train`` run :func:`run_training` on a :class:`TrainConfig`.
 """
 
-from prsmed.train.config import GPU_USD_PER_HOUR, TrainConfig
+from prsmed.train.config import TrainConfig
 from prsmed.train.trainer import EXIT_CODES, EXIT_PREEMPTED, RunResult, Trainer, TrainingError, run_training
 
 __all__ = [
     "EXIT_CODES",
     "EXIT_PREEMPTED",
-    "GPU_USD_PER_HOUR",
     "RunResult",
     "TrainConfig",
     "Trainer",

@@ -7,24 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Provisional on-demand prices in USD per GPU-hour, used only by ``--max-cost`` with ``--gpu`` until the planner's
-# GPU catalogue exists. Rough mid-points of the ranges in the cloud-training guide; pass ``--usd-per-hour`` for your
-# real price.
-GPU_USD_PER_HOUR: dict[str, float] = {
-    "t4": 0.40,
-    "v100": 0.65,
-    "rtx3090": 0.45,
-    "rtx4090": 0.70,
-    "a6000": 0.80,
-    "rtx6000-ada": 1.10,
-    "l4": 0.60,
-    "a10g": 1.00,
-    "a100-40gb": 1.30,
-    "a100-80gb": 1.80,
-    "h100": 2.50,
-    "h200": 3.50,
-}
-
 # Fields that may differ between a run and its resumption: they bound or observe the run but do not change what
 # it computes. Everything else must match the checkpoint, or the resumed run would not be the same run.
 RESUMABLE_OVERRIDES = frozenset(
@@ -103,9 +85,13 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.gpu is not None and self.gpu.lower() not in GPU_USD_PER_HOUR:
-            known = ", ".join(sorted(GPU_USD_PER_HOUR))
-            raise ValueError(f"unknown --gpu {self.gpu!r}; known: {known} (or pass --usd-per-hour)")
+        if self.gpu is not None:
+            from prsmed.plan.catalogue import CatalogueError, load_catalogue
+
+            try:
+                load_catalogue().hourly_price(self.gpu)
+            except CatalogueError as e:
+                raise ValueError(f"--gpu: {e}; or pass --usd-per-hour") from None
         if self.max_cost is not None and self.usd_per_hour is None and self.gpu is None:
             raise ValueError("--max-cost needs a price: pass --usd-per-hour X or --gpu NAME")
         if self.min_lr > self.lr:
@@ -118,7 +104,10 @@ class TrainConfig(BaseModel):
         if self.usd_per_hour is not None:
             return self.usd_per_hour
         if self.gpu is not None:
-            return GPU_USD_PER_HOUR[self.gpu.lower()] * world_size
+            from prsmed.plan.catalogue import load_catalogue
+
+            # The median on-demand price of the planner's catalogue (prsmed/plan/catalogue.toml, $PRSMED_CATALOGUE).
+            return load_catalogue().hourly_price(self.gpu) * world_size
         return None
 
     def recipe(self) -> dict:

@@ -169,6 +169,42 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+
+def apply_dtype_policy(model, precision: str, device_type: str, *, cast_frozen: bool = True) -> None:
+    """fp32 master copies of every trained parameter; on a GPU with bf16/fp16, the frozen LLM in that dtype. The
+    planner's simulation and measurements apply the same policy."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16, "4bit": torch.bfloat16}.get(precision)
+    if low is not None and cast_frozen and device_type == "cuda":
+        for p in model.llm.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(low)
+
+
+def enable_grad_checkpointing(model) -> bool:
+    """Gradient (activation) checkpointing on the LLM: recompute activations in backward to save memory. Uses the
+    backbone's own switch if it has one, else its transformers model's; warns and goes on without. The planner
+    calls this too, so what it sizes is what the trainer runs."""
+    llm = model.llm
+    candidates = [llm] + [m for m in llm.modules() if getattr(m, "supports_gradient_checkpointing", False)]
+    for module in candidates:
+        for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+            method = getattr(module, name, None)
+            if not callable(method):
+                continue
+            kwargs_name = name.replace("_enable", "_kwargs")
+            try:  # non-reentrant: works with frozen inputs and LoRA, no input-grad hooks needed
+                method(**{kwargs_name: {"use_reentrant": False}})
+            except TypeError:
+                method()
+            log.info("gradient checkpointing enabled on %s", type(module).__name__)
+            return True
+    log.warning("--grad-checkpointing: LLM %r has no gradient checkpointing switch; continuing without it",
+                model.spec.llm.name)
+    return False
+
 def build_from_name(name: str):
     """A zoo preset by name, or a model described by a ModelSpec JSON file."""
     from prsmed.zoo import build_model
@@ -330,14 +366,7 @@ class Trainer:
     def prepare_model(self) -> None:
         """fp32 master copies of every trained parameter; the frozen base LLM optionally in the low dtype."""
         model = self.model
-        for p in model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        if low is not None and self.config.cast_frozen and self.device.type == "cuda":
-            for p in model.llm.parameters():
-                if not p.requires_grad and p.is_floating_point():
-                    p.data = p.data.to(low)
+        apply_dtype_policy(model, self.precision, self.device.type, cast_frozen=self.config.cast_frozen)
         if self.config.grad_checkpointing:
             self.enable_grad_checkpointing()
         model.to(self.device)
@@ -347,24 +376,7 @@ class Trainer:
         self.mask_size = model.contracts["vision_encoder"].input_size
 
     def enable_grad_checkpointing(self) -> None:
-        """Gradient (activation) checkpointing on the LLM: recompute activations in backward to save memory. Uses
-        the backbone's own switch if it has one, else its transformers model's; warns and goes on without."""
-        llm = self.model.llm
-        candidates = [llm] + [m for m in llm.modules() if getattr(m, "supports_gradient_checkpointing", False)]
-        for module in candidates:
-            for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
-                method = getattr(module, name, None)
-                if not callable(method):
-                    continue
-                kwargs_name = name.replace("_enable", "_kwargs")
-                try:  # non-reentrant: works with frozen inputs and LoRA, no input-grad hooks needed
-                    method(**{kwargs_name: {"use_reentrant": False}})
-                except TypeError:
-                    method()
-                log.info("gradient checkpointing enabled on %s", type(module).__name__)
-                return
-        log.warning("--grad-checkpointing: LLM %r has no gradient checkpointing switch; continuing without it",
-                    self.model.spec.llm.name)
+        enable_grad_checkpointing(self.model)
 
     def setup_data(self) -> None:
         cfg = self.config

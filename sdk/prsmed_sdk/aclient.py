@@ -17,7 +17,7 @@ from .answer import Answer
 from .client import dataset_source
 from .errors import PrsMedError
 from .models import (AdapterInfo, DatasetInfo, HubPullRequest, HubPushRequest, HubPushResult, JobEvent, JobInfo,
-                     JobRequest, ModelInfo, PluginInfo)
+                     JobRequest, ModelInfo, PlanReport, PlanRequest, PluginInfo)
 
 
 class AsyncClient:
@@ -72,6 +72,10 @@ class AsyncClient:
 
     async def models(self) -> list[ModelInfo]:
         return [ModelInfo.model_validate(m) for m in (await self._request("GET", "/v1/models")).json()]
+
+    async def plan(self, model: str = "prsmed-llava-med-7b", **options) -> PlanReport:
+        body = PlanRequest(model=model, **options).model_dump(exclude_none=True)
+        return PlanReport.model_validate((await self._request("POST", "/v1/plan", json=body)).json())
 
     async def plugins(self) -> list[PluginInfo]:
         return [PluginInfo.model_validate(p) for p in (await self._request("GET", "/v1/plugins")).json()]

@@ -16,7 +16,7 @@ from ._common import (DEFAULT_URL, RETRY_STATUSES, Retry, Watcher, check, header
 from .answer import Answer
 from .errors import PrsMedError
 from .models import (AdapterInfo, DatasetInfo, HubPullRequest, HubPushRequest, HubPushResult, JobEvent, JobInfo,
-                     JobRequest, ModelInfo, PluginInfo)
+                     JobRequest, ModelInfo, PlanReport, PlanRequest, PluginInfo)
 
 DATASET_ID = re.compile(r"^[0-9a-f]{12}$")
 
@@ -83,6 +83,13 @@ class Client:
 
     def plugins(self) -> list[PluginInfo]:
         return [PluginInfo.model_validate(p) for p in self._request("GET", "/v1/plugins").json()]
+
+    def plan(self, model: str = "prsmed-llava-med-7b", **options) -> PlanReport:
+        """GPU memory, the batch each GPU fits, hours and cost for a training configuration (``prsmed plan``'s
+        options: precision, batch_size, grad_checkpointing, image_size, seq_len, gpu, epochs, dataset_size, mfu).
+        The first plan of a large model simulates its step on the server, which can take a minute."""
+        body = PlanRequest(model=model, **options).model_dump(exclude_none=True)
+        return PlanReport.model_validate(self._request("POST", "/v1/plan", json=body).json())
 
     def ready(self) -> bool:
         """Whether the server answers and has its model loaded (no retries)."""

@@ -143,3 +143,55 @@ class ErrorBody(_Model):
     message: str
     retry_after_s: float | None = None
     queue_position: int | None = None
+
+
+class PlanRequest(_Model):
+    """``POST /v1/plan``: what ``prsmed plan`` takes, less ``--catalogue`` (the server uses its own)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str = "prsmed-llava-med-7b"
+    precision: Literal["fp32", "bf16", "fp16", "4bit"] = "bf16"
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    grad_checkpointing: bool = False
+    image_size: int | None = Field(None, ge=32, le=4096)
+    seq_len: int = Field(80, ge=1, le=32768)
+    gpu: str = "all"
+    epochs: int = Field(20, ge=1, le=10000)
+    dataset_size: int = Field(21040, ge=1)
+    mfu: float = Field(0.30, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+
+
+class PlanRow(_Model):
+    platform: str | None
+    gpu: str
+    gpu_label: str = ""
+    vram_gb: float
+    fits: bool
+    needs: str | None = None
+    why: str = ""
+    max_batch: int
+    recommended_batch: int
+    grad_accum: int
+    memory_gb: float
+    hours: float | None = None
+    usd_h: float | None = None
+    usd_h_spot: float | None = None
+    cost_usd: float | None = None
+    cost_usd_spot: float | None = None
+    price_source: str | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class PlanReport(_Model):
+    """The planner's answer; ``memory_gb`` holds the total and its parts (GiB), ``rows`` one GPU offer each."""
+
+    model: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    sequence: dict[str, int] = Field(default_factory=dict)
+    memory_gb: dict[str, Any] = Field(default_factory=dict)
+    flops_per_sample: dict[str, int] = Field(default_factory=dict)
+    assumptions: dict[str, Any] = Field(default_factory=dict)
+    recommendation: str = ""
+    rows: list[PlanRow] = Field(default_factory=list)
