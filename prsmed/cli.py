@@ -112,7 +112,7 @@ def zoo_build(
     assets: Optional[Path] = typer.Option(
         None, "--assets", help="Where to write the weights (default: the installed package's assets)."
     ),
-    epochs: int = typer.Option(4, "--epochs", min=1),
+    epochs: int = typer.Option(6, "--epochs", min=1, help="Epochs of the joint stage."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
     n_images: int = typer.Option(3000, "--n-images", min=60),
 ) -> None:

@@ -64,7 +64,7 @@ def test_calibrate_estimate_is_within_15_percent_of_the_measured_peak():
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.output)["configs"]
     assert row["measured_mib"] > 100  # the step really allocated: activations of 4 images at 256 px
-    assert abs(row["error_pct"]) <= 15, row
+    assert abs(row["error_pct"]) <= 15, json.dumps(row)
 
 
 def test_step_memory_above_the_fixed_part_is_linear_in_batch():
@@ -157,3 +157,24 @@ def test_shipped_catalogue_covers_the_guides_platforms_and_gpus():
                                          "a100-40gb", "a100-80gb", "h100", "h200"}
     assert all(any(o.gpu == g.name for o in cat.offer) for g in cat.gpu)
     assert cat.gpu_named("A100-80GB").vram_gib == 80 and GIB == 2**30
+
+
+def test_attention_swap_applies_only_to_the_simulating_thread():
+    # The service plans in one worker thread while it predicts in others: their attention must stay real.
+    import threading
+
+    import torch
+    import torch.nn.functional as F
+
+    from prsmed.plan.simulate import _gpu_attention
+
+    q = torch.randn(1, 2, 5, 4)
+    expected = torch.softmax(q @ q.transpose(-1, -2) / 2.0, dim=-1) @ q
+    results = {}
+    original = F.scaled_dot_product_attention
+    with _gpu_attention():
+        worker = threading.Thread(target=lambda: results.setdefault("out", F.scaled_dot_product_attention(q, q, q)))
+        worker.start()
+        worker.join()
+    assert torch.allclose(results["out"], expected, atol=1e-5)
+    assert F.scaled_dot_product_attention is original

@@ -81,6 +81,7 @@ def run(configs: list[Config] | None = None, *, device: str = "cpu", steps: int 
             **asdict(cfg),
             "estimate_mib": round(estimate / 2**20, 1),
             "measured_mib": round(measured["peak_bytes"] / 2**20, 1),
+            "measured_rss_mib": round(measured["peak_rss_bytes"] / 2**20, 1) if "peak_rss_bytes" in measured else None,
             "error_pct": round(100 * (estimate - measured["peak_bytes"]) / measured["peak_bytes"], 1),
             "parts_mib": {k: round(v * 1024, 1) for k, v in memory.parts_gib(cfg.batch).items()
                           if isinstance(v, float)},

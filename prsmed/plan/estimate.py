@@ -35,9 +35,9 @@ CUDA_CONTEXT_GIB = 0.75
 # The caching allocator rounds blocks and keeps freed ones; what it reserves runs a few percent above what it
 # hands out. Taken at 5%.
 ALLOCATOR_SLACK = 0.05
-# What a CPU process adds beyond its tensors once it has run a step (oneDNN and autograd caches), measured with
-# `prsmed plan calibrate` on the tiny model (bench/RESULTS.md).
-CPU_RUNTIME_GIB = 0.045
+# What a CPU process's heap holds beyond its tensors once it has run a step (oneDNN and autograd caches): 14-18 MiB
+# in `prsmed plan calibrate` on the tiny model (bench/RESULTS.md).
+CPU_RUNTIME_GIB = 16 / 1024
 # NF4 as bitsandbytes stores it: 4 bits per weight plus one float32 scale per block of 64.
 FOUR_BIT_BYTES_PER_PARAM = 0.5 + 4 / 64
 # The paper's batch (PRSMED.md section 3); recommendations keep it as batch x gradient accumulation.
@@ -104,10 +104,25 @@ def _disk_key(*parts: Any) -> str:
     import torch
     import transformers
 
-    from prsmed import __version__
-
-    blob = json.dumps([parts, torch.__version__, transformers.__version__, __version__], default=str)
+    blob = json.dumps([parts, torch.__version__, transformers.__version__, _code_fingerprint()], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    """A hash of the code a simulation runs (the library and the built-in plugins), so an edited or upgraded
+    install never reads an older result. A third-party plugin's code is not in it: clear the cache after
+    changing one."""
+    import prsmed
+    import prsmed_plugins
+
+    digest = hashlib.sha256()
+    for package in (prsmed, prsmed_plugins):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def trace_for(opts: PlanOptions, *, grad_checkpointing: bool | None = None, mode: str = "train",
@@ -265,7 +280,7 @@ def plan(opts: PlanOptions, *, catalogue: Catalogue | None = None) -> dict[str, 
                 "recommended_batch": batch,
                 "grad_accum": accum,
                 "memory_gb": _gib(row_memory.total(batch)) if fits else _gib(memory.total(1)),
-                "hours": round(hours, 2) if hours is not None else None,
+                "hours": float(f"{hours:.3g}") if hours is not None else None,
                 "usd_h": offer.usd_h if offer else None,
                 "usd_h_spot": cat.spot_price(offer) if offer else None,
                 "cost_usd": None,

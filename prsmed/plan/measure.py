@@ -1,9 +1,11 @@
 """Measure a configuration's real training step: peak memory and time, in a child process of its own.
 
 On a GPU the peak is ``torch.cuda.max_memory_allocated``: what the caching allocator handed out, the quantity
-:func:`prsmed.plan.simulate.simulate` predicts. On a CPU it is the child's peak resident set size
-(``ru_maxrss``) minus its resident size once Python, PyTorch and the plugins are imported, i.e. what the model, the
-optimizer and the step added. A fresh process per configuration keeps one measurement's high-water mark out of the
+:func:`prsmed.plan.simulate.simulate` predicts. On a CPU it is the child's peak resident *anonymous* memory
+(``RssAnon``, sampled every millisecond) minus what it held once Python, PyTorch, the plugins and the model's
+modules were imported, i.e. what the model, the optimizer and the step added. Anonymous memory is where tensors
+live; the resident set as a whole (``ru_maxrss``, also reported) adds the library code pages a step touches
+(about 30 MiB here) and any the kernel evicted and read back. A fresh process per configuration keeps one measurement's high-water mark out of the
 next.
 
 The step is the trainer's (forward, loss, backward, clip, AdamW) on the same synthetic batch the simulation uses,
@@ -25,6 +27,40 @@ from prsmed.model.spec import ModelSpec
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _anon_bytes() -> int:
+    """Resident anonymous memory (where tensors live); file-backed pages of code are left out, so the kernel
+    evicting and re-reading a library cannot look like growth."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return _rss_bytes()
+
+
+class _AnonPeak:
+    """Samples resident anonymous memory every millisecond in a thread and keeps the maximum."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = _anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _anon_bytes())
+
+    def __enter__(self) -> _AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _anon_bytes())
 
 
 def _measure_here(spec_json: str, batch: int, text_len: int, precision: str, grad_checkpointing: bool,
@@ -49,6 +85,8 @@ def _measure_here(spec_json: str, batch: int, text_len: int, precision: str, gra
     torch.manual_seed(0)
     cuda = device == "cuda"
     baseline = _rss_bytes()
+    anon_baseline = _anon_bytes()
+    sampler = _AnonPeak().__enter__() if not cuda else None
     model = build_model(spec, weights=False)
     if grad_checkpointing:
         enable_grad_checkpointing(model)
@@ -76,12 +114,14 @@ def _measure_here(spec_json: str, batch: int, text_len: int, precision: str, gra
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    out = {"baseline_bytes": baseline, "step_seconds": times, "device": device, "threads": torch.get_num_threads()}
     if cuda:
-        peak = int(torch.cuda.max_memory_allocated())
+        out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    return {"peak_bytes": peak, "baseline_bytes": baseline, "step_seconds": times, "device": device,
-            "threads": torch.get_num_threads()}
+        sampler.__exit__(None, None, None)
+        out["peak_bytes"] = sampler.peak - anon_baseline
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return out
 
 
 def measure(spec: ModelSpec, *, batch: int, text_len: int, precision: str = "fp32", grad_checkpointing: bool = False,

@@ -22,7 +22,7 @@ taken to be full length with no padding, which is the largest a batch of that le
 from __future__ import annotations
 
 import contextlib
-import logging
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -35,7 +35,6 @@ from torch.utils._pytree import tree_leaves
 
 from prsmed.model.spec import ModelSpec
 
-log = logging.getLogger(__name__)
 
 LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "4bit": torch.bfloat16}
 PRECISIONS = ("fp32", "bf16", "fp16", "4bit")
@@ -111,16 +110,40 @@ def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     return out.squeeze(0) if squeeze else out
 
 
+# Simulations run in worker threads of the service while real predictions run in others: the swap of
+# F.scaled_dot_product_attention is installed once for however many simulations are running, and answers with the
+# fused stand-in only in a thread that is simulating.
+_swap_lock = threading.Lock()
+_swap_users = 0
+_original_sdpa = None
+_simulating = threading.local()
+
+
+def _sdpa_by_thread(*args, **kwargs):
+    if getattr(_simulating, "gpu", False):
+        return _fused_sdpa(*args, **kwargs)
+    return _original_sdpa(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _gpu_attention() -> Iterator[None]:
     import torch.nn.functional as F
 
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _fused_sdpa
+    global _swap_users, _original_sdpa
+    with _swap_lock:
+        if _swap_users == 0:
+            _original_sdpa = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = _sdpa_by_thread
+        _swap_users += 1
+    _simulating.gpu = True
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        _simulating.gpu = False
+        with _swap_lock:
+            _swap_users -= 1
+            if _swap_users == 0:
+                F.scaled_dot_product_attention = _original_sdpa
 
 
 @contextlib.contextmanager
@@ -217,13 +240,10 @@ def _optimizer(params: list[torch.nn.Parameter], device: str) -> torch.optim.Opt
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
+    # Deprecation and fake-tensor warnings from the libraries say nothing about the user's configuration.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        try:
-            yield
-        finally:
-            logging.disable(logging.NOTSET)
+        yield
 
 
 def _bytes(tensors) -> int:
