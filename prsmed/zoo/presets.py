@@ -59,7 +59,7 @@ TINY_PROMPT = "### User: {question} \n<image>\n### Assistant: \n"
 
 _TINY = ModelSpec(
     name="prsmed-tiny",
-    revision="3",
+    revision="4",
     prompt_template=TINY_PROMPT,
     vision_encoder=ComponentRef(
         name="tinysam",
