@@ -1,9 +1,9 @@
 """``prsmed plan calibrate``: the planner's estimate against a measurement, configuration by configuration.
 
-On a CPU the configurations are small variants of prsmed-tiny (batch, precision, checkpointing, image size, text
-length, a wider LLM), so each runs in seconds to a minute on two cores. On a GPU (``--device cuda``) the same list
-runs, plus whatever the user adds with ``--model``. Time: the first configuration's measured step gives the
-machine's achieved FLOP/s; every other configuration's step time is predicted from its FLOPs at that rate.
+The configurations are small variants of prsmed-tiny (batch, precision, checkpointing, image size, text length, a
+wider LLM), so each runs in seconds to a minute on two cores; ``--device cuda`` runs the same list on a GPU.
+Time: the first configuration's measured step gives the machine's achieved FLOP/s; every other configuration's
+step time is predicted from its FLOPs at that rate.
 """
 
 from __future__ import annotations
