@@ -53,11 +53,11 @@ class _AnonPeak:
         while not self._stop.wait(0.001):
             self.peak = max(self.peak, _anon_bytes())
 
-    def __enter__(self) -> _AnonPeak:
+    def start(self) -> _AnonPeak:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _anon_bytes())
@@ -86,7 +86,7 @@ def _measure_here(spec_json: str, batch: int, text_len: int, precision: str, gra
     cuda = device == "cuda"
     baseline = _rss_bytes()
     anon_baseline = _anon_bytes()
-    sampler = _AnonPeak().__enter__() if not cuda else None
+    sampler = _AnonPeak().start() if not cuda else None
     model = build_model(spec, weights=False)
     if grad_checkpointing:
         enable_grad_checkpointing(model)
@@ -118,7 +118,7 @@ def _measure_here(spec_json: str, batch: int, text_len: int, precision: str, gra
     if cuda:
         out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
     else:
-        sampler.__exit__(None, None, None)
+        sampler.stop()
         out["peak_bytes"] = sampler.peak - anon_baseline
         out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     return out
