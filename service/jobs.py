@@ -772,6 +772,9 @@ class JobManager:
     def _failure(rc: int, status: str | None, summary: dict, log_path: Path) -> str:
         if rc < 0:
             how = f"the worker was killed by {_signal_name(-rc)}"
+            if -rc == signal.SIGKILL:
+                how += (" (the kernel's out-of-memory killer sends SIGKILL: if nobody killed it, the job needed more "
+                        "memory than the machine or container allows; `prsmed plan` sizes a run)")
         elif rc == EXIT_OK:
             how = f"the worker exited with status 0 but its summary.json says {status or 'nothing'}"
         elif rc == EXIT_BAD_OPTIONS:

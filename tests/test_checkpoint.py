@@ -79,6 +79,50 @@ def test_state_files_load_with_weights_only(tmp_path, monkeypatch):
     assert calls and all(c is True for c in calls)
 
 
+class _RunsCode:
+    """A pickle payload that, if unpickled, creates ``marker`` (the harmless stand-in for an attacker's code)."""
+
+    def __init__(self, marker, how: str = "system") -> None:
+        self.marker, self.how = str(marker), how
+
+    def __reduce__(self):
+        import builtins
+        import os
+
+        if self.how == "system":
+            return os.system, (f"touch {self.marker}",)
+        return builtins.exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("how", ["system", "exec"])
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_a_pth_carrying_code_is_refused_and_never_run(tmp_path, how, zipped):
+    """A downloaded ``.pth`` (the official TinySAM/PRS-Med weights come as such) or a tampered checkpoint file
+    whose pickle would run code: refused with the reason, and the code never runs."""
+    from prsmed.weights import read_state_dict
+
+    marker = tmp_path / "pwned"
+    evil = {"image_encoder.patch_embed.weight": torch.zeros(2), "payload": _RunsCode(marker, how)}
+    weights = tmp_path / "tinysam_42.3.pth"
+    torch.save(evil, weights, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(CheckpointError, match="refused: it is not a plain tensor state dict"):
+        read_state_dict(weights)
+    assert not marker.exists()
+
+    # The same payload as a checkpoint's optimizer.pt, with the manifest's hash updated to match, so that only
+    # the loader stands in the way.
+    mgr = CheckpointManager(tmp_path / "ckpts")
+    path = mgr.save(_payload(1))
+    torch.save({"state": {}, "param_groups": [], "x": _RunsCode(marker, how)}, path / "optimizer.pt",
+               _use_new_zipfile_serialization=zipped)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["optimizer.pt"] = ckpt_mod.sha256_file(path / "optimizer.pt")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        mgr.load(path)
+    assert not marker.exists()
+
+
 def test_rng_states_round_trip():
     torch.manual_seed(7)
     np.random.seed(7)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -277,6 +278,40 @@ def test_a_killed_worker_fails_with_the_signal_and_the_manager_carries_on(tmp_pa
         jm.resume(job.id)
         done = JobInfo(**list(jm.events(job.id))[-1].data)
     assert (done.state, done.step, done.attempts, done.error) == ("succeeded", 2, 2, None)
+
+
+OOM_WORKER = """
+import resource, runpy, sys
+from prsmed.train import trainer
+
+def out_of_room(self, _train_loop=trainer.Trainer.train_loop):
+    # Cap the address space a little above what the worker maps now: its first training step finds no memory,
+    # as a worker on a machine that is out of memory would.
+    with open("/proc/self/status") as f:
+        mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + (16 << 20), resource.RLIM_INFINITY))
+    return _train_loop(self)
+
+trainer.Trainer.train_loop = out_of_room
+assert sys.argv[1:3] == ["-m", "prsmed.train"], sys.argv
+sys.argv = ["prsmed.train", *sys.argv[3:]]
+runpy.run_module("prsmed.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_worker_that_runs_out_of_memory_is_failed_with_the_reason(tmp_path, store, dataset):
+    script = tmp_path / "oom_worker.py"
+    script.write_text(OOM_WORKER)
+    python = tmp_path / "python-with-little-memory"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
+    python.chmod(0o755)
+    with manager(tmp_path, store, python=str(python)) as jm:
+        job = jm.submit(request(dataset))
+        end = JobInfo(**list(jm.events(job.id))[-1].data)
+    assert end.state == "failed" and end.finished_at, end
+    assert "out of host memory at step 1" in end.error and "--batch-size" in end.error, end.error
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from prsmed.train.checkpoint import CheckpointManager
 from prsmed.weights import read_state_dict
 
 TESTS = Path(__file__).parent
+SIGTERM_DEADLINE_S = 30.0
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -168,6 +168,26 @@ def register_standin_globally() -> None:
     from prsmed.registry import get_registry
 
     get_registry().register_plugin(StandInPlugin, name="test-standin")
+
+
+FAIL_SAVES_ENV = "PRSMED_TEST_FAIL_SAVE_FILES_AFTER"
+
+
+def inject_faults_from_env() -> None:
+    """For subprocesses: with ``PRSMED_TEST_FAIL_SAVE_FILES_AFTER=n``, every checkpoint file write after the n-th
+    fails with ENOSPC, as on a disk that has just filled up."""
+    after = os.environ.get(FAIL_SAVES_ENV)
+    if after is None:
+        return
+    real, calls = ckpt_mod.save_torch, {"n": 0}
+
+    def disk_full(obj, path):
+        calls["n"] += 1
+        if calls["n"] > int(after):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, path)
+
+    ckpt_mod.save_torch = disk_full
 
 
 # --- a small dataset ---------------------------------------------------------------------------------------------
@@ -392,6 +412,9 @@ def test_an_existing_run_is_not_overwritten_and_a_changed_recipe_is_refused(tmp_
     assert again.status == "failed" and "--resume" in again.reason
     changed = run(config(data, out, resume=True, lr=5e-4))
     assert changed.status == "failed" and "lr: checkpoint 0.001, now 0.0005" in changed.reason
+    # the one memory option a resume accepts (how a run that ran out of memory goes on)
+    leaner = run(config(data, out, resume=True, grad_checkpointing=True, stop_after=1))
+    assert leaner.status == "paused" and leaner.step == 2, leaner.reason
 
 
 def test_fp16_with_accumulation_keeps_fp32_master_weights(tmp_path):
@@ -465,6 +488,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import test_trainer
 test_trainer.register_standin_globally()
+test_trainer.inject_faults_from_env()
 from prsmed.train.__main__ import main
 main()
 """
@@ -497,50 +521,21 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(tmp_path, data):
             "--min-lr", "1e-5"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(out / "metrics.jsonl", proc)
+    sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
+    exited_after = time.monotonic() - sent
     assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]
     assert "SIGTERM" in stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "preempted" and "SIGTERM" in summary["reason"]
+    # The stated deadline (docs/reliability.md): the rest of one step plus one checkpoint write, well inside the
+    # 30 s the shortest cloud notice gives for this model.
+    assert 0 < summary["signal_to_checkpoint_s"] <= exited_after <= SIGTERM_DEADLINE_S, (summary, exited_after)
+    print(f"\nSIGTERM -> checkpoint {summary['signal_to_checkpoint_s']:.2f} s, -> exit {exited_after:.2f} s")
     stopped_at = summary["step"]
     assert CheckpointManager(out / "checkpoints").latest_valid().name == f"step-{stopped_at:08d}"
     # resume (in this process, same options) and run one more step
     cfg = config(data, out, model=str(spec), epochs=50, resume=True, stop_after=1)
     result = run(cfg)
     assert result.status == "paused" and result.step == stopped_at + 1, result.reason
-
-
-@pytest.mark.slow
-def test_two_processes_with_torchrun(tmp_path, data):
-    torchrun = VENV_BIN / "torchrun"
-    if not torchrun.exists():
-        pytest.skip("torchrun is not installed next to this Python")
-    script, spec = _driver(tmp_path)
-
-    def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), "--model", str(spec),
-               "--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "1", "--no-progress",
-               "--no-tensorboard", "--lr", "1e-3", "--min-lr", "1e-5", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
-
-    straight = tmp_path / "straight"
-    done = launch(straight, "--save-every", "1", "--keep-last", "10")
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((straight / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["step"] == 4  # 4 rows / (2 processes x batch 1) x 2 epochs
-    assert (straight / "adapter").is_dir()
-    # only rank 0 writes: one metrics line per step, one set of checkpoints
-    assert [m["step"] for m in metrics(straight) if m["kind"] == "train"] == [1, 2, 3, 4]
-
-    # resume a copy of the run from its step-1 checkpoint (RNG states of both processes, data position, ...)
-    out = tmp_path / "resumed"
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step-00000001", out / "checkpoints" / "step-00000001")
-    resumed = launch(out, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "step 1" in resumed.stderr
-    want, got = trained_state(straight), trained_state(out)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)

@@ -9,11 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Fields that may differ between a run and its resumption: they bound or observe the run but do not change what
 # it computes. Everything else must match the checkpoint, or the resumed run would not be the same run.
+# grad_checkpointing recomputes the same forward (RNG state included) to save memory: turning it on is how a run
+# that ran out of memory goes on.
 RESUMABLE_OVERRIDES = frozenset(
     {
         "out", "data", "resume", "save_every", "keep_last", "max_hours", "max_cost", "gpu", "usd_per_hour",
         "on_finish", "stop_after", "progress", "tensorboard", "log_every", "num_workers", "device",
-        "early_stop_patience", "adapter_weights",
+        "early_stop_patience", "adapter_weights", "grad_checkpointing",
     }
 )
 

@@ -36,7 +36,7 @@ from prsmed.train.checkpoint import (
     capture_rng,
     restore_rng,
 )
-from prsmed.train.config import TrainConfig
+from prsmed.train.config import RESUMABLE_OVERRIDES, TrainConfig
 from prsmed.train.data import (
     Batch,
     EpochBatches,
@@ -322,6 +322,7 @@ class Trainer:
         self.elapsed_before = 0.0  # training seconds spent by earlier invocations of this run
         self._stop_local = ""  # a stop requested in this process (signal handler, budget, --stop-after)
         self._stop_detail = ""
+        self.signalled_at: float | None = None  # monotonic time of the first SIGTERM/SIGINT in this process
         # position and counters (all restored on resume)
         self.step = 0
         self.epoch = 0
@@ -789,7 +790,9 @@ class Trainer:
         if st.get("world_size") != self.dist.world_size:
             raise TrainingError(f"{where} was written by {st.get('world_size')} processes but this run has "
                                 f"{self.dist.world_size}; resume with the same number of processes")
-        theirs, ours = st.get("recipe", {}), self.config.recipe()
+        # A field that became resumable since the checkpoint was written no longer counts.
+        theirs = {k: v for k, v in st.get("recipe", {}).items() if k not in RESUMABLE_OVERRIDES}
+        ours = self.config.recipe()
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         if diff:
             shown = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in diff[:6])
@@ -927,6 +930,10 @@ class Trainer:
             "world_size": self.dist.world_size,
             "precision": self.precision,
         }
+        if self.signalled_at is not None and result.status == "preempted":
+            # the preemption deadline a cloud gives (30 s to 2 min) is measured against this
+            summary["signal_to_checkpoint_s"] = round(time.monotonic() - self.signalled_at, 3)
+            log.info("checkpoint written %.2f s after the signal", summary["signal_to_checkpoint_s"])
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         bad = f"; {len(self.bad_rows)} bad rows skipped" if self.bad_rows else ""
         log.info("run %s at step %d/%d: %s%s", result.status, self.step, self.total_steps, result.reason, bad)
@@ -952,6 +959,8 @@ def _install_signal_handlers(trainer: Trainer) -> Callable[[], None]:
 
     def handler(signum, _frame):
         name = signal.Signals(signum).name
+        if trainer.signalled_at is None:
+            trainer.signalled_at = time.monotonic()
         trainer.request_stop("preempted", f"received {name}; stopped after the current step with a checkpoint")
         log.warning("%s received: finishing the current step, then writing a checkpoint (again to abort)", name)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1028,11 +1037,15 @@ def run_training(config: TrainConfig, *, model=None, records: Sequence[Any] | No
         result = trainer.fit()
     except Exception as e:
         # Errors about the user's inputs (options, weights, data, disk) carry their explanation; others a traceback.
-        if isinstance(e, (TrainingError, CheckpointWriteError, CheckpointError, ValueError, OSError)):
+        reason = str(e)
+        if is_out_of_memory(e):
+            reason = out_of_memory_reason(e, trainer.step, trainer.device)
+            log.error("training failed: %s", reason)
+        elif isinstance(e, (TrainingError, CheckpointWriteError, CheckpointError, ValueError, OSError)):
             log.error("training failed: %s", e)
         else:
             log.exception("training failed")
-        result = RunResult(status="failed", exit_code=EXIT_FAILED, reason=str(e), step=trainer.step,
+        result = RunResult(status="failed", exit_code=EXIT_FAILED, reason=reason, step=trainer.step,
                            bad_rows=len(trainer.bad_rows))
         _write_failed_summary(trainer, result)
         trainer.close()
@@ -1045,6 +1058,26 @@ def run_training(config: TrainConfig, *, model=None, records: Sequence[Any] | No
         trainer.dist.close()
         restore_logging()
     return result
+
+
+_OOM_MESSAGES = ("can't allocate memory", "out of memory", "bad_alloc")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in _OOM_MESSAGES)
+
+
+def out_of_memory_reason(e: BaseException, step: int, device: torch.device) -> str:
+    where = "GPU" if device.type == "cuda" else "host"
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return (f"out of {where} memory at step {step + 1} ({type(e).__name__}: {first_line}). Lower --batch-size and "
+            f"raise --grad-accum to keep the effective batch, add --grad-checkpointing, or size the run first with "
+            f"`prsmed plan`. Checkpoints already written are intact: --resume continues from the last one with more "
+            f"memory or with --grad-checkpointing")
 
 
 def _write_failed_summary(trainer: Trainer, result: RunResult) -> None:
