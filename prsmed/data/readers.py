@@ -167,6 +167,14 @@ def _describe_head(head: bytes) -> str:
 
 
 def _decode(source: Source, name: str | None, orientation: str = "radiological") -> tuple[_Decoded, dict[str, int]]:
+    dec, selection = _decode_any(source, name, orientation)
+    h, w = dec.values.shape[:2]
+    if h == 0 or w == 0:  # a header can declare a zero-length axis (found by fuzzing a NIfTI)
+        raise ImageReadError(f"{dec.label}: the image has no pixels (width {w}, height {h})")
+    return dec, selection
+
+
+def _decode_any(source: Source, name: str | None, orientation: str) -> tuple[_Decoded, dict[str, int]]:
     if orientation not in ("radiological", "voxel"):
         raise ImageReadError(f"orientation must be 'radiological' or 'voxel', found {orientation!r}")
     data, path, label, sel = _split_source(source, name)
@@ -294,6 +302,15 @@ def _decode_dicom(data, path, label, selection, *, force: bool) -> _Decoded:
         ds = pydicom.dcmread(io.BytesIO(data) if data is not None else str(path), force=force)
     except Exception as e:  # pydicom raises many types for damaged headers; all mean "not a readable DICOM"
         raise ImageReadError(f"{label}: corrupt or truncated DICOM ({type(e).__name__}: {e})") from e
+    try:
+        return _dicom_image(ds, label, selection)
+    except ImageReadError:
+        raise
+    except Exception as e:  # pydicom reads elements lazily: a damaged one fails when it is first used
+        raise ImageReadError(f"{label}: corrupt DICOM header ({type(e).__name__}: {e})") from e
+
+
+def _dicom_image(ds, label: str, selection: dict[str, int]) -> _Decoded:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(f"{label}: a DICOM file without pixel data (SOP class "
                              f"{getattr(ds, 'SOPClassUID', 'unknown')}); expected an image")
