@@ -30,7 +30,8 @@ from .auth import load_token, token_matches
 from .config import ServiceConfig
 from .datasets import DatasetError, DatasetNotFound, UploadTooLarge
 from .jobs import InvalidJob, JobNotFound, QueueFull
-from .middleware import AuthMiddleware, BodyLimitMiddleware
+from .middleware import (AuthMiddleware, BodyLimitMiddleware, HeaderLimitMiddleware, MultipartGuardMiddleware,
+                         OpenAPIVersionMiddleware)
 from .runtime import Runtime, list_models
 
 log = logging.getLogger("prsmed.service")
@@ -334,8 +335,10 @@ class PrsMed:
         self.rt.close()
 
 
-# Starlette runs the first-added middleware outermost: auth first, so an unauthenticated upload is refused before
-# its size matters or its body is read.
+# Starlette runs the first-added middleware outermost: header limits, then auth, so an unauthenticated upload is
+# refused before its size matters or its body is read.
+PrsMed.add_asgi_middleware(HeaderLimitMiddleware)
+PrsMed.add_asgi_middleware(OpenAPIVersionMiddleware)
 PrsMed.add_asgi_middleware(AuthMiddleware, token=_TOKEN, public_predict=CONFIG.public_predict)
 PrsMed.add_asgi_middleware(
     BodyLimitMiddleware,
@@ -343,3 +346,4 @@ PrsMed.add_asgi_middleware(
     limits={"/v1/predict": CONFIG.max_predict_bytes, "/v1/datasets": CONFIG.max_dataset_bytes,
             "/ui": CONFIG.max_dataset_bytes},
 )
+PrsMed.add_asgi_middleware(MultipartGuardMiddleware)

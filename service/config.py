@@ -30,6 +30,8 @@ class ServiceConfig(BaseModel):
     max_queue: int = Field(8, ge=1)
     max_running_jobs: int = Field(1, ge=1)
     job_threads: int | None = Field(None, ge=1, description="torch threads per training job")
+    shutdown_grace_s: int = Field(10, ge=1, description="on SIGTERM, how long open connections (event streams, a "
+                                  "browser on /ui, slow uploads) may take before they are closed")
 
     def to_env(self) -> dict[str, str]:
         return {PREFIX + k.upper(): str(v) for k, v in self.model_dump().items() if v is not None}

@@ -24,6 +24,10 @@ def serve(config: ServiceConfig) -> None:
     env.setdefault("GRADIO_TEMP_DIR", str((config.data_dir / "gradio").resolve()))
     if config.token_file is not None:
         env["PRSMED_SERVE_TOKEN_FILE"] = str(config.token_file.resolve())
+    # Without a limit, uvicorn waits on SIGTERM for every open connection to end, and an event stream or a browser
+    # on /ui never does: the server would outlive any orchestrator's grace period and be killed before it could
+    # checkpoint its jobs.
+    grace = env["PRSMED_SERVE_SHUTDOWN_GRACE_S"]  # from the environment, or the default
     argv = [sys.executable, "-m", "bentoml", "serve", "prsmed_service.app:PrsMed", "--host", config.host,
-            "--port", str(config.port)]
+            "--port", str(config.port), "--timeout-graceful-shutdown", grace]
     os.execve(sys.executable, argv, env)

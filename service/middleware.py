@@ -1,4 +1,4 @@
-"""ASGI middleware in front of every route: bearer-token auth and upload size limits."""
+"""ASGI middleware in front of every route: header limits, bearer-token auth and upload size limits."""
 
 from __future__ import annotations
 
@@ -22,6 +22,28 @@ def _header(scope, name: bytes) -> str | None:
         if k.lower() == name:
             return v.decode("latin-1")
     return None
+
+
+class HeaderLimitMiddleware:
+    """Refuse a request whose headers are too many or too large with 431, before anything reads them. uvicorn's
+    HTTP/1.1 parser (h11) already refuses a request head over 16 KiB with a 400; this holds the same line for
+    many small headers and for servers run with another parser."""
+
+    def __init__(self, app, max_bytes: int = 16 * 2**10, max_count: int = 100) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = scope.get("headers", [])
+            size = sum(len(k) + len(v) + 4 for k, v in headers)
+            if len(headers) > self.max_count or size > self.max_bytes:
+                return await _send_json(send, 431, {
+                    "error": "headers_too_large",
+                    "message": f"the request has {len(headers)} headers of {size:,} bytes; the limits are "
+                               f"{self.max_count} headers and {self.max_bytes:,} bytes"})
+        return await self.app(scope, receive, send)
 
 
 class AuthMiddleware:
@@ -74,35 +96,173 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _send_json(send, 413, too_large)
         seen = 0
-        forwarded = False  # a response start has reached the client
-        exceeded = False
 
-        async def counting_receive():
-            nonlocal seen, exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    exceeded = True
-                    raise _TooLarge()
-            return message
+        def count(chunk: bytes) -> None:
+            nonlocal seen
+            seen += len(chunk)
+            if seen > limit:
+                raise _Refused("too large")
 
-        async def guarded_send(message):
-            nonlocal forwarded
-            if exceeded:  # whatever the app answers to a body cut short (often a 500) is replaced by the 413
-                return
-            if message["type"] == "http.response.start":
-                forwarded = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, guarded_send)
-        except Exception:
-            if not exceeded:
-                raise
-        if exceeded and not forwarded:
+        if await _run_checking_body(self.app, scope, receive, send, count):
             await _send_json(send, 413, too_large)
 
 
-class _TooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """Raised by a body check: the request is refused, for the reason given."""
+
+
+async def _run_checking_body(app, scope, receive, send, check) -> str | None:
+    """Run ``app`` with each chunk of the request body passed to ``check`` before the app sees it. When ``check``
+    raises :class:`_Refused`, the app gets no more of the body and whatever it answers to a body cut short (often
+    a 500) is dropped; the reason is returned, for the caller to answer with. None: the body passed (or the app had
+    already started its answer, which then stands)."""
+    refused: list[str] = []
+    started = False
+
+    async def checked_receive():
+        message = await receive()
+        if message["type"] == "http.request" and not refused:
+            try:
+                check(message.get("body", b""))
+            except _Refused as e:
+                refused.append(str(e))
+                raise
+        return message
+
+    async def guarded_send(message):
+        nonlocal started
+        if refused:
+            return
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, checked_receive, guarded_send)
+    except Exception:
+        if not refused:
+            raise
+    return refused[0] if refused and not started else None
+
+
+class OpenAPIVersionMiddleware:
+    """BentoML labels ``/docs.json`` OpenAPI 3.0.2 but fills it with pydantic v2's JSON Schema, which is the OpenAPI
+    3.1 dialect (``exclusiveMinimum`` as a number, ``type: null`` for optional fields). Read as 3.0, those schemas
+    are invalid, so code generators and validators misread them; this corrects the label to 3.1.0."""
+
+    def __init__(self, app, path: str = "/docs.json", version: str = "3.1.0") -> None:
+        self.app = app
+        self.path = path
+        self.version = version
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != self.path or scope.get("method") != "GET":
+            return await self.app(scope, receive, send)
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    await self._send_fixed(send, start, b"".join(chunks))
+
+        await self.app(scope, receive, capture)
+
+    async def _send_fixed(self, send, start: dict, body: bytes) -> None:
+        if start.get("status") == 200:
+            try:
+                doc = json.loads(body)
+                if isinstance(doc, dict) and str(doc.get("openapi", "")).startswith("3.0"):
+                    doc["openapi"] = self.version
+                    body = json.dumps(doc).encode()
+            except ValueError:
+                pass
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class MultipartGuardMiddleware:
+    """Check a multipart body while it streams to a BentoML API route, and answer 400 when it is malformed.
+
+    BentoML parses the form of ``POST /v1/predict`` with Starlette before the service's code runs, and turns the
+    400 that Starlette raises for a malformed body (a bad part header, no boundary, a part without a name, too many
+    parts) into a 500. This middleware feeds the same bytes to the same parser (python-multipart) with Starlette's
+    limits, in step with the app and keeping nothing, and answers 400 with the reason instead."""
+
+    def __init__(self, app, paths: tuple[str, ...] = ("/v1/predict",), max_parts: int = 1000,
+                 max_field_bytes: int = 1024 * 1024) -> None:
+        self.app = app
+        self.paths = paths
+        self.max_parts = max_parts
+        self.max_field_bytes = max_field_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path", "").rstrip("/") \
+                not in self.paths:
+            return await self.app(scope, receive, send)
+        content_type = _header(scope, b"content-type") or ""
+        if not content_type.lower().startswith("multipart/form-data"):
+            return await self.app(scope, receive, send)
+        from python_multipart.multipart import parse_options_header
+
+        _, params = parse_options_header(content_type)
+        if not params.get(b"boundary"):
+            return await self._refuse(send, "the multipart Content-Type has no boundary")
+        parser = self._parser(params[b"boundary"])
+
+        def parse(chunk: bytes) -> None:
+            try:
+                parser.write(chunk)
+            except Exception as e:  # python-multipart's parse errors and the limits below alike
+                raise _Refused(str(e) or type(e).__name__) from e
+
+        reason = await _run_checking_body(self.app, scope, receive, send, parse)
+        if reason:
+            await self._refuse(send, reason)
+
+    @staticmethod
+    async def _refuse(send, reason: str) -> None:
+        await _send_json(send, 400, {"error": "invalid_input", "message": f"the multipart body cannot be read: "
+                                     f"{reason}; send multipart/form-data with an 'image' file and a 'question' field"})
+
+    def _parser(self, boundary: bytes):
+        from python_multipart.multipart import MultipartParser, parse_options_header
+
+        state = {"parts": 0, "field": b"", "value": b"", "disposition": b"", "is_file": False, "size": 0}
+
+        def on_part_begin():
+            state.update(parts=state["parts"] + 1, disposition=b"", size=0)
+            if state["parts"] > self.max_parts:
+                raise _Refused(f"more than {self.max_parts} parts")
+
+        def on_header_field(data, start, end):
+            state["field"] += data[start:end]
+
+        def on_header_value(data, start, end):
+            state["value"] += data[start:end]
+
+        def on_header_end():
+            if state["field"].lower() == b"content-disposition":
+                state["disposition"] = state["value"]
+            state.update(field=b"", value=b"")
+
+        def on_headers_finished():
+            _, options = parse_options_header(state["disposition"])
+            if not options.get(b"name"):
+                raise _Refused("a part has no Content-Disposition name")
+            state["is_file"] = b"filename" in options
+
+        def on_part_data(data, start, end):
+            state["size"] += end - start
+            if not state["is_file"] and state["size"] > self.max_field_bytes:
+                raise _Refused(f"a form field is over {self.max_field_bytes:,} bytes")
+
+        callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                     "on_header_value": on_header_value, "on_header_end": on_header_end,
+                     "on_headers_finished": on_headers_finished, "on_part_data": on_part_data}
+        return MultipartParser(boundary, callbacks)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -65,3 +67,45 @@ def start_server(data_dir: Path, *args: str, env: dict | None = None, timeout: f
         time.sleep(0.5)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"prsmed serve was not ready after {timeout} s:\n{server.log_tail()}")
+
+
+@dataclass
+class Burst:
+    statuses: list[int]
+    latencies_s: list[float]
+    wall_s: float
+
+    def percentile_ms(self, q: int) -> float:
+        return statistics.quantiles(self.latencies_s, n=100, method="inclusive")[q - 1] * 1000
+
+    def summary(self) -> dict:
+        counts = {str(s): self.statuses.count(s) for s in sorted(set(self.statuses))}
+        return {"requests": len(self.statuses), "statuses": counts, "p50_ms": round(self.percentile_ms(50), 1),
+                "p99_ms": round(self.percentile_ms(99), 1), "max_ms": round(max(self.latencies_s) * 1000, 1),
+                "wall_s": round(self.wall_s, 2), "requests_per_s": round(len(self.statuses) / self.wall_s, 2)}
+
+
+def predict_burst(url: str, images: list[bytes], *, headers: dict | None = None, timeout: float = 300,
+                  question: str = "Where is the lesion in this scan?") -> Burst:
+    """POST every image to ``/v1/predict`` at once, one connection each; each latency from send to answer."""
+    import httpx
+
+    async def run() -> Burst:
+        limits = httpx.Limits(max_connections=len(images), max_keepalive_connections=len(images))
+        async with httpx.AsyncClient(base_url=url, headers=headers or {}, timeout=timeout, limits=limits) as client:
+            async def one(i: int) -> tuple[int, float]:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/v1/predict", files={"image": (f"{i}.png", images[i])},
+                                          data={"question": question})
+                    status = r.status_code
+                except httpx.HTTPError:
+                    status = 0  # no answer at all: a refused or dropped connection
+                return status, time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(one(i) for i in range(len(images))))
+            wall = time.perf_counter() - t0
+        return Burst([s for s, _ in results], [t for _, t in results], wall)
+
+    return asyncio.run(run())

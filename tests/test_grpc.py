@@ -275,9 +275,17 @@ def test_reflection_lists_and_describes_the_service(auth_srv):
                                       (("authorization", TOKEN),)])
 def test_missing_or_wrong_token_is_unauthenticated(auth_srv, png, metadata):
     p = gs.load_protos()
-    for call, req in [(auth_srv.stub.Predict, request(png)), (auth_srv.stub.ListModels, p.ListModelsRequest())]:
+    calls = {"Predict": (auth_srv.stub.Predict, request(png)),
+             "ListModels": (auth_srv.stub.ListModels, p.ListModelsRequest())}
+    # every method the service publishes is tried, so a new one cannot be left unguarded by this test
+    assert set(calls) == {m.name for m in p.file.services_by_name["PrsMed"].methods}
+    # and one it does not publish: refused for the missing token before anything else is said about it
+    raw = auth_srv.channel.unary_unary(f"/{gs.SERVICE_NAME}/NoSuchMethod", request_serializer=lambda b: b,
+                                       response_deserializer=lambda b: b)
+    calls["NoSuchMethod"] = (raw, b"")
+    for name, (call, req) in calls.items():
         err = code_of(call, req, metadata=metadata)
-        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED, name
         assert TOKEN not in err.details()
 
 

@@ -131,46 +131,32 @@ def test_grpc_through_prsmed_serve(server):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_token_auth_and_public_predict(tmp_path):
-    token_file = tmp_path / "token"
-    token_file.write_text("s3cret-token-value\n")
-    srv = start_server(tmp_path / "data", "--token-file", str(token_file), "--public-predict")
-    try:
-        import grpc
+def test_serve_hands_its_options_to_the_service_process(tmp_path, monkeypatch):
+    """`prsmed serve` replaces itself with BentoML's server; what it hands over decides the token check and
+    --public-predict (the token itself stays in its file). A real server with a token is attacked route by route in
+    test_service_hostile.py."""
+    from typer.testing import CliRunner
 
-        from prsmed_service.grpc_server import PrsMedStub, load_protos
+    from prsmed.cli import app
+    from prsmed_service import launcher
+    from prsmed_service.config import ServiceConfig
 
-        protos = load_protos()
-        with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
-            stub = PrsMedStub(channel)
-            with pytest.raises(grpc.RpcError) as err:
-                stub.ListModels(protos.ListModelsRequest(), timeout=30)
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            listed = stub.ListModels(protos.ListModelsRequest(), timeout=30,
-                                     metadata=[("authorization", "Bearer s3cret-token-value")])
-            assert [m.name for m in listed.models if m.serving] == ["prsmed-tiny"]
-        assert httpx.get(srv.url + "/v1/models").status_code == 401
-        wrong = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 401 and "s3cret" not in wrong.text
-        ok = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer s3cret-token-value"})
-        assert ok.status_code == 200
-        assert httpx.get(srv.url + "/readyz").status_code == 200
-        assert predict(srv.url, png_bytes()).status_code == 200  # --public-predict
-    finally:
-        srv.stop()
-    assert "s3cret-token-value" not in srv.log.read_text(errors="replace")
+    handed = {}
 
+    def execve(path, argv, env):
+        handed.update(argv=argv, env=env)
+        raise SystemExit(0)
 
-def test_server_stops_cleanly_on_sigterm(tmp_path):
-    import os
-    import subprocess
-
-    srv = start_server(tmp_path / "data", "--grpc-port", "-1")
-    os.killpg(srv.proc.pid, signal.SIGTERM)
-    try:
-        srv.proc.wait(60)  # on its own, without the SIGKILL a stuck server would need
-    except subprocess.TimeoutExpired:
-        srv.stop(signal.SIGKILL)
-        pytest.fail(f"prsmed serve ignored SIGTERM for 60 s:\n{srv.log_tail()}")
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(srv.url + "/livez", timeout=5)
+    monkeypatch.setattr(launcher.os, "execve", execve)
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-value\n")
+    res = CliRunner().invoke(app, ["serve", "--public-predict", "--token-file", str(token), "--max-queue", "3",
+                                   "--data-dir", str(tmp_path / "data"), "--port", "3111"])
+    assert res.exit_code == 0, res.output
+    argv, env = handed["argv"], handed["env"]
+    assert argv[1:5] == ["-m", "bentoml", "serve", "prsmed_service.app:PrsMed"] and "3111" in argv
+    config = ServiceConfig.from_env(env)
+    assert config.public_predict and config.max_queue == 3 and config.token_file == token.resolve()
+    assert not any("s3cret-token-value" in v for v in env.values())
+    res = CliRunner().invoke(app, ["serve", "--token-file", str(tmp_path / "missing")])
+    assert res.exit_code != 0 and "does not exist" in " ".join(res.output.split())

@@ -50,57 +50,48 @@ def wait_state(url, job_id, states, timeout=600):
 
 
 @pytest.mark.slow
-def test_job_lifecycle_over_rest(tmp_path):
-    srv = start_server(tmp_path / "data", "--grpc-port", "-1")
-    try:
-        up = httpx.post(srv.url + "/v1/datasets", files={"file": ("ds.zip", dataset_zip(tmp_path))}, timeout=120)
-        assert up.status_code == 201, up.text
-        ds = up.json()
-        assert ds["rows"] > 0 and ds["id"]
-        bad = httpx.post(srv.url + "/v1/datasets", files={"file": ("ds.zip", b"not a zip")}, timeout=60)
-        assert bad.status_code == 400
-        req = {"dataset": ds["id"], "epochs": 1, "batch_size": 2, "lr": 5e-4, "name": "my-adapter",
-               "options": {"max_steps": 3, "save_every": 1}}
-        created = httpx.post(srv.url + "/v1/jobs", json=req, timeout=60)
-        assert created.status_code == 201, created.text
-        job = created.json()
-        seen = list(events(srv.url, job["id"]))
-        kinds = [k for k, _ in seen]
-        assert "step" in kinds and kinds[-1] == "end"
-        steps = [d["step"] for k, d in seen if k == "step"]
-        assert steps == sorted(steps) and steps[-1] == 3
-        final = seen[-1][1]
-        assert final["state"] == "succeeded", final
-        assert [a["name"] for a in httpx.get(srv.url + "/v1/adapters").json()] == ["my-adapter"]
-        assert any(j["id"] == job["id"] for j in httpx.get(srv.url + "/v1/jobs").json())
-        from test_service import png_bytes, predict
-
-        r = predict(srv.url, png_bytes(), adapter="my-adapter")
-        assert r.status_code == 200 and r.json()["adapter"] == "my-adapter"
-        unknown = httpx.post(srv.url + "/v1/jobs", json={**req, "dataset": "nope", "name": "x"})
-        assert unknown.status_code == 404
-    finally:
-        srv.stop()
-
-
-@pytest.mark.slow
-def test_server_killed_mid_job_resumes_it_after_restart(tmp_path):
+def test_jobs_over_rest_survive_a_server_killed_mid_job(tmp_path):
+    """Upload, submit, follow the events; SIGKILL to the whole server while one job trains and another waits: after
+    a restart both end succeeded, their history is whole (every step reported once, the creation time and the
+    attempts kept), and their adapters serve predictions."""
     data = tmp_path / "data"
     srv = start_server(data, "--grpc-port", "-1")
-    ds = httpx.post(srv.url + "/v1/datasets", files={"file": ("ds.zip", dataset_zip(tmp_path))}, timeout=120).json()
-    req = {"dataset": ds["id"], "epochs": 1, "batch_size": 2, "lr": 5e-4, "name": "resumed",
-           "options": {"max_steps": 80, "save_every": 2}}
-    req["epochs"] = 20
-    job = httpx.post(srv.url + "/v1/jobs", json=req, timeout=60).json()
-    for kind, d in events(srv.url, job["id"]):
+    up = httpx.post(srv.url + "/v1/datasets", files={"file": ("ds.zip", dataset_zip(tmp_path))}, timeout=120)
+    assert up.status_code == 201, up.text
+    ds = up.json()
+    assert ds["rows"] > 0 and ds["id"]
+    assert httpx.post(srv.url + "/v1/datasets", files={"file": ("ds.zip", b"not a zip")}, timeout=60).status_code \
+        == 400
+    base = {"dataset": ds["id"], "batch_size": 2, "lr": 5e-4}
+    running = httpx.post(srv.url + "/v1/jobs", timeout=60, json={
+        **base, "epochs": 20, "name": "resumed", "options": {"max_steps": 24, "save_every": 2}})
+    assert running.status_code == 201, running.text
+    running = running.json()
+    waiting = httpx.post(srv.url + "/v1/jobs", timeout=60, json={
+        **base, "epochs": 1, "name": "waited", "options": {"max_steps": 3, "save_every": 1}}).json()
+    assert httpx.get(f"{srv.url}/v1/jobs/{waiting['id']}").json()["state"] == "queued"
+    unknown = httpx.post(srv.url + "/v1/jobs", json={**base, "dataset": "nope", "name": "x"})
+    assert unknown.status_code == 404
+    for kind, d in events(srv.url, running["id"]):
         if kind == "step" and d["step"] >= 3:
             break
-    srv.stop(signal.SIGKILL)  # the server dies without any chance to clean up
+    srv.stop(signal.SIGKILL)  # the server dies without any chance to clean up; its worker is left behind
     srv = start_server(data, "--grpc-port", "-1")
     try:
-        final = wait_state(srv.url, job["id"], {"succeeded", "failed", "canceled"})
-        assert final["state"] == "succeeded", final
-        assert final["step"] == final["total_steps"] == 80 and final["attempts"] >= 2, final
-        assert "resumed" in [a["name"] for a in httpx.get(srv.url + "/v1/adapters").json()]
+        for job, total in ((running, 24), (waiting, 3)):
+            final = wait_state(srv.url, job["id"], {"succeeded", "failed", "canceled"})
+            assert final["state"] == "succeeded", final
+            assert final["step"] == final["total_steps"] == total, final
+            assert final["created_at"] == job["created_at"]
+            replay = list(events(srv.url, job["id"]))
+            assert [d["step"] for k, d in replay if k == "step"] == list(range(1, total + 1))
+            assert replay[-1][0] == "end" and replay[-1][1]["state"] == "succeeded"
+        assert httpx.get(f"{srv.url}/v1/jobs/{running['id']}").json()["attempts"] >= 2
+        assert {j["id"] for j in httpx.get(srv.url + "/v1/jobs").json()} >= {running["id"], waiting["id"]}
+        assert {"resumed", "waited"} <= {a["name"] for a in httpx.get(srv.url + "/v1/adapters").json()}
+        from test_service import png_bytes, predict
+
+        r = predict(srv.url, png_bytes(), adapter="waited")
+        assert r.status_code == 200 and r.json()["adapter"] == "waited"
     finally:
         srv.stop()

@@ -9,7 +9,8 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from prsmed_service.middleware import AuthMiddleware, BodyLimitMiddleware
+from prsmed_service.middleware import (AuthMiddleware, BodyLimitMiddleware, HeaderLimitMiddleware,
+                                      MultipartGuardMiddleware)
 
 
 async def echo(request):
@@ -58,3 +59,42 @@ def test_body_limit_by_header_and_by_counting():
 
     streamed = call(app, "POST", "/v1/predict", content=chunks())
     assert streamed.status_code == 413
+
+
+def test_too_many_or_too_large_headers_are_431():
+    app = HeaderLimitMiddleware(make_app(), max_bytes=2000, max_count=20)
+    assert call(app, "GET", "/v1/models", headers={"X-A": "a" * 1000}).status_code == 200
+    big = call(app, "GET", "/v1/models", headers={"X-A": "a" * 2000})
+    assert big.status_code == 431 and "2,000 bytes" in big.json()["message"]
+    many = call(app, "GET", "/v1/models", headers={f"X-{i}": "1" for i in range(25)})
+    assert many.status_code == 431 and "20 headers" in many.json()["message"]
+
+
+def _multipart(*parts: bytes, boundary: bytes = b"b") -> bytes:
+    return b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary + b"--\r\n"
+
+
+IMAGE = b'Content-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + b"\x89PNG" + b"\0" * 3000
+QUESTION = b'Content-Disposition: form-data; name="question"\r\n\r\nWhere?'
+
+
+def test_a_malformed_multipart_body_is_400_and_a_good_one_passes_whole():
+    app = MultipartGuardMiddleware(make_app(limit=10**6), max_parts=5, max_field_bytes=100)
+    form = {"Content-Type": "multipart/form-data; boundary=b"}
+    good = _multipart(IMAGE, QUESTION)
+    assert call(app, "POST", "/v1/predict", content=good, headers=form).json() == {"bytes": len(good)}
+    cases = {
+        "invalid character": _multipart(b"Cont\xf0nt-Disposition: form-data; name=\"x\"\r\n\r\nv"),
+        "no Content-Disposition name": _multipart(b"Content-Type: text/plain\r\n\r\nv"),
+        "more than 5 parts": _multipart(*[QUESTION] * 6),
+        "over 100 bytes": _multipart(b'Content-Disposition: form-data; name="question"\r\n\r\n' + b"q" * 200),
+    }
+    for words, body in cases.items():
+        r = call(app, "POST", "/v1/predict", content=body, headers=form)
+        assert r.status_code == 400 and words in r.json()["message"], (words, r.text)
+    r = call(app, "POST", "/v1/predict", content=good, headers={"Content-Type": "multipart/form-data"})
+    assert r.status_code == 400 and "no boundary" in r.json()["message"]
+    # other routes and other content types are not its business
+    assert call(app, "POST", "/v1/models", content=cases["more than 5 parts"], headers=form).status_code == 200
+    assert call(app, "POST", "/v1/predict", content=b"{}", headers={"Content-Type": "application/json"}).json() == \
+        {"bytes": 2}
