@@ -108,7 +108,7 @@ def test_sigkill_at_arbitrary_moments_then_resume_matches_an_uninterrupted_run(t
 
     script, spec = _driver(tmp_path)
     out = tmp_path / "killed"
-    log = open(tmp_path / "trainer.log", "ab")
+    log = (tmp_path / "trainer.log").open("ab")
     story = []
     # First kill: right after a step drawn at random. Second kill (on the resumed run): a random delay after its
     # first step, so it may land inside a step or inside a checkpoint write.
@@ -128,6 +128,7 @@ def test_sigkill_at_arbitrary_moments_then_resume_matches_an_uninterrupted_run(t
         proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     story.append(f"killed {delay:.2f} s after a resumed step, at step {last_step(out)} (exit {proc.returncode})")
+    log.close()
 
     result = run(config(data, out, model=str(spec), resume=True, **SINGLE))
     why = f"PRSMED_FAULT_SEED={seed}: " + "; ".join(story)
