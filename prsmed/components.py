@@ -8,10 +8,12 @@ the composite model can reject an incompatible combination before anything heavy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:  # torch is imported where modules are built, so `import prsmed` (and the CLI) stay light
+    import torch
 
 KINDS = ("vision_encoder", "llm", "fusion_head")
 Kind = Literal["vision_encoder", "llm", "fusion_head"]

@@ -12,13 +12,15 @@ import os
 import threading
 from dataclasses import dataclass, field, replace
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
-import torch
 
 from prsmed import hookspecs
 from prsmed.components import KINDS, ComponentError, ComponentSpec, Contract
+
+if TYPE_CHECKING:
+    import torch
 
 ENTRY_POINT_GROUP = "prsmed.plugins"
 BUILTIN_DISTRIBUTION = "prsmed"
@@ -132,6 +134,8 @@ class Registry:
     def create(self, kind: str, name: str, **options: Any) -> torch.nn.Module:
         spec = self.get(kind, name)
         module = spec.build(**options)
+        import torch
+
         if not isinstance(module, torch.nn.Module):
             raise ComponentError(f"{spec.id} (plugin {spec.plugin!r}) built {type(module).__name__}, not a torch.nn.Module")
         return module

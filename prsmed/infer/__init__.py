@@ -1,18 +1,13 @@
-"""Inference: the :class:`Predictor` and what it returns. Imports no web framework."""
+"""Inference: the :class:`Predictor` and what it returns. Imports no web framework, and nothing until a name is
+used (so the CLI's command modules stay light)."""
 
-from prsmed.infer.adapters import AdapterInfo, AdapterNotFound, AdapterStore
-from prsmed.infer.postprocess import mask_png, overlay
-from prsmed.infer.predictor import (
-    MAX_QUESTION_CHARS,
-    BundleError,
-    InvalidInput,
-    PredictRequest,
-    PredictResult,
-    Predictor,
-    load_image,
-)
+from prsmed._lazy import lazy_exports
 
-__all__ = [
-    "AdapterInfo", "AdapterNotFound", "AdapterStore", "BundleError", "InvalidInput", "MAX_QUESTION_CHARS",
-    "PredictRequest", "PredictResult", "Predictor", "load_image", "mask_png", "overlay",
-]
+_WHERE = {
+    "AdapterInfo": "adapters", "AdapterNotFound": "adapters", "AdapterStore": "adapters",
+    "mask_png": "postprocess", "overlay": "postprocess",
+    "MAX_QUESTION_CHARS": "predictor", "BundleError": "predictor", "InvalidInput": "predictor",
+    "PredictRequest": "predictor", "PredictResult": "predictor", "Predictor": "predictor", "load_image": "predictor",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -1,17 +1,12 @@
 """Training: LoRA fine-tuning of a composite PRS-Med model (see docs/training.md).
 
-``prsmed train`` and ``torchrun -m prsmed.train`` run :func:`run_training` on a :class:`TrainConfig`.
+``prsmed train`` and ``torchrun -m prsmed.train`` run :func:`run_training` on a :class:`TrainConfig`. Names are
+imported on first use, so the CLI's command module stays light.
 """
 
-from prsmed.train.config import TrainConfig
-from prsmed.train.trainer import EXIT_CODES, EXIT_PREEMPTED, RunResult, Trainer, TrainingError, run_training
+from prsmed._lazy import lazy_exports
 
-__all__ = [
-    "EXIT_CODES",
-    "EXIT_PREEMPTED",
-    "RunResult",
-    "TrainConfig",
-    "Trainer",
-    "TrainingError",
-    "run_training",
-]
+_WHERE = {"TrainConfig": "config", **{name: "trainer" for name in (
+    "EXIT_CODES", "EXIT_PREEMPTED", "RunResult", "Trainer", "TrainingError", "run_training")}}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
