@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Optional
 
 import bentoml
-import gradio as gr
 from fastapi import FastAPI, File, Form, Header, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from prsmed.components import ComponentError
 from prsmed.hub import HubError, is_hub_ref, push as hub_push
 from prsmed.infer.adapters import check_name
-from prsmed_demo import LocalBackend, build_demo
 from prsmed.infer import AdapterNotFound, BundleError, InvalidInput, mask_png
 from prsmed_sdk.models import AdapterInfo, DatasetInfo, ErrorBody, HubPullRequest, HubPushRequest, HubPushResult, \
     JobInfo, JobRequest, ModelInfo, PlanReport, PlanRequest, PluginInfo, PredictResponse
@@ -266,7 +264,9 @@ def job_events(job_id: str):
 # password.
 
 
-def _demo_backend() -> LocalBackend:
+def _demo_backend():
+    from prsmed_demo import LocalBackend
+
     rt = runtime()
     return LocalBackend(rt.batcher, rt.config.model, store=rt.predictor.store, load=rt.predictor.load_adapter,
                         datasets=rt.datasets, jobs=rt.jobs)
@@ -274,12 +274,22 @@ def _demo_backend() -> LocalBackend:
 
 _TOKEN = load_token(CONFIG.token_file)
 ui = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-ui = gr.mount_gradio_app(
-    ui, build_demo(_demo_backend), path="",
-    auth=(lambda _user, password: token_matches(password, _TOKEN)) if _TOKEN else None,
-    auth_message="This server needs its API token: any user name, the token as the password.",
-    footer_links=[], ssr_mode=False, max_file_size=CONFIG.max_dataset_bytes,
-)
+
+
+def _mount_demo() -> None:
+    """Gradio is imported and the demo mounted in the worker that serves it, not in BentoML's supervisor process,
+    which imports this module only to read the service's settings (Gradio's import alone takes seconds). BentoML
+    enters the mounted apps' lifespans after the service instance is created, so Gradio's startup still runs."""
+    import gradio as gr
+
+    from prsmed_demo import build_demo
+
+    gr.mount_gradio_app(
+        ui, build_demo(_demo_backend), path="",
+        auth=(lambda _user, password: token_matches(password, _TOKEN)) if _TOKEN else None,
+        auth_message="This server needs its API token: any user name, the token as the password.",
+        footer_links=[], ssr_mode=False, max_file_size=CONFIG.max_dataset_bytes,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -294,6 +304,7 @@ class PrsMed:
         global _runtime
         _runtime = Runtime.start(CONFIG)
         self.rt = _runtime
+        _mount_demo()
 
     def __is_ready__(self) -> bool:
         return self.rt is not None
