@@ -172,9 +172,15 @@ def serve(
         _fail(f"the service needs its dependencies ({e}); install with `pip install ./sdk -e .` or use `make serve`")
     if token_file is not None and not token_file.is_file():
         _fail(f"--token-file {token_file} does not exist")
-    launch(ServiceConfig(model=model, host=host, port=port, grpc_port=grpc_port, data_dir=data_dir, device=device,
-                         token_file=token_file, public_predict=public_predict, max_queue=max_queue,
-                         job_threads=job_threads))
+    from pydantic import ValidationError
+
+    try:
+        launch(ServiceConfig(model=model, host=host, port=port, grpc_port=grpc_port, data_dir=data_dir,
+                             device=device, token_file=token_file, public_predict=public_predict,
+                             max_queue=max_queue, job_threads=job_threads))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        _fail(f"invalid service setting (a --option or a PRSMED_SERVE_* variable): {problems}")
 
 
 @app.command("push")

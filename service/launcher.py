@@ -27,7 +27,8 @@ def serve(config: ServiceConfig) -> None:
     # Without a limit, uvicorn waits on SIGTERM for every open connection to end, and an event stream or a browser
     # on /ui never does: the server would outlive any orchestrator's grace period and be killed before it could
     # checkpoint its jobs.
-    grace = env["PRSMED_SERVE_SHUTDOWN_GRACE_S"]  # from the environment, or the default
+    # Every setting is validated here, so a bad PRSMED_SERVE_* value is refused before BentoML starts.
+    grace = ServiceConfig.from_env(env).shutdown_grace_s
     argv = [sys.executable, "-m", "bentoml", "serve", "prsmed_service.app:PrsMed", "--host", config.host,
-            "--port", str(config.port), "--timeout-graceful-shutdown", grace]
+            "--port", str(config.port), "--timeout-graceful-shutdown", str(grace)]
     os.execve(sys.executable, argv, env)

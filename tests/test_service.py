@@ -155,8 +155,12 @@ def test_serve_hands_its_options_to_the_service_process(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     argv, env = handed["argv"], handed["env"]
     assert argv[1:5] == ["-m", "bentoml", "serve", "prsmed_service.app:PrsMed"] and "3111" in argv
+    assert argv[argv.index("--timeout-graceful-shutdown") + 1] == "10"  # open connections may not hold SIGTERM up
     config = ServiceConfig.from_env(env)
     assert config.public_predict and config.max_queue == 3 and config.token_file == token.resolve()
     assert not any("s3cret-token-value" in v for v in env.values())
     res = CliRunner().invoke(app, ["serve", "--token-file", str(tmp_path / "missing")])
     assert res.exit_code != 0 and "does not exist" in " ".join(res.output.split())
+    monkeypatch.setenv("PRSMED_SERVE_SHUTDOWN_GRACE_S", "soon")
+    res = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "data")])
+    assert res.exit_code == 2 and "shutdown_grace_s" in " ".join(res.output.split()), res.output
