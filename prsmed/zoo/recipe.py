@@ -12,14 +12,15 @@ stages:
    without decoding positions or bounding boxes itself. The auxiliary heads are thrown away. (Measured with
    ``bench/grounding_pilot.py``: per-token presence and zones instead of per-token lesion fractions took the
    grounding stage from 0.79 to 0.87 zone accuracy on fresh images, lung CT from 0.40 to 0.52. The stage
-   runs 2,500 steps: at 600 its zone head was still improving, and 1,500 steps alone took the answers from 0.91 to
-   0.93.)
+   runs 2,500 steps: at 600 its zone head was still improving, and 2,500 steps alone took the answers from 0.91 to
+   0.96.)
 2. **Grounding stage.** With the tower frozen, only the LLM's text model trains, on the real questions with short
    answers that are just the zones ("top left and bottom right."). Every supervised token is then a zone word, so
    the LLM learns to read the zone from the image tokens. The questions are perturbed (:func:`noisy_question`) so
    the answer comes to depend on the image alone, which carries it to question wordings it never saw. Images with
    two lesions (about 6% of the data) are drawn eight times as often: at the natural rate the text model named both
-   zones for none of them (drawn four times as often: 0.61 of them; eight times, with the longer tower stage: 0.72).
+   zones for none of them; drawn four times as often, for 0.50 of them; eight times, 0.72 (with the 2,500-step
+   tower stage, bench/RESULTS.md).
 3. **Joint stage.** The ordinary trainer (structure + LM + modality losses) trains the vision encoder, the fusion
    head and the modality head to the end of the cosine schedule, on the grounding stage's answers. The whole LLM
    stays frozen: the fusion head learns to read the hidden states the grounding stage produced, and nothing can
