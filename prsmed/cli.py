@@ -179,8 +179,9 @@ def serve(
                              device=device, token_file=token_file, public_predict=public_predict,
                              max_queue=max_queue, job_threads=job_threads))
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        _fail(f"invalid service setting (a --option or a PRSMED_SERVE_* variable): {problems}")
+        from prsmed.validation import validation_problems
+
+        _fail(f"invalid service setting (a --option or a PRSMED_SERVE_* variable): {validation_problems(e)}")
 
 
 @app.command("push")

@@ -460,6 +460,7 @@ class JobManager:
         from pydantic import ValidationError
 
         from prsmed.train.config import TrainConfig
+        from prsmed.validation import validation_problems
 
         known = set(TrainConfig.model_fields)
         allowed = train_options()
@@ -479,11 +480,7 @@ class JobManager:
             cfg = TrainConfig(model=req.base, data=data, out=self.jobs_dir / "_check", epochs=req.epochs,
                               batch_size=req.batch_size, lr=req.lr, **options)
         except ValidationError as e:
-            problems = []
-            for err in e.errors():
-                msg = err["msg"].removeprefix("Value error, ")
-                problems.append(f"{'.'.join(map(str, err['loc']))}: {msg}" if err["loc"] else msg)
-            raise InvalidJob("invalid training options: " + "; ".join(problems)) from e
+            raise InvalidJob(f"invalid training options: {validation_problems(e)}") from e
         dumped = cfg.model_dump(mode="json")
         return {k: dumped[k] for k in options}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from python_multipart.multipart import MultipartParser, parse_options_header
+
 from .auth import bearer_ok
 
 OPEN_PREFIXES = ("/readyz", "/livez", "/healthz", "/metrics", "/docs.json", "/docs", "/schema.json")
@@ -208,8 +210,6 @@ class MultipartGuardMiddleware:
         content_type = _header(scope, b"content-type") or ""
         if not content_type.lower().startswith("multipart/form-data"):
             return await self.app(scope, receive, send)
-        from python_multipart.multipart import parse_options_header
-
         _, params = parse_options_header(content_type)
         if not params.get(b"boundary"):
             return await self._refuse(send, "the multipart Content-Type has no boundary")
@@ -231,8 +231,6 @@ class MultipartGuardMiddleware:
                                      f"{reason}; send multipart/form-data with an 'image' file and a 'question' field"})
 
     def _parser(self, boundary: bytes):
-        from python_multipart.multipart import MultipartParser, parse_options_header
-
         state = {"parts": 0, "field": b"", "value": b"", "disposition": b"", "is_file": False, "size": 0}
 
         def on_part_begin():

@@ -11,21 +11,14 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
+from prsmed.validation import as_flag, validation_problems
+
 EXIT_BAD_OPTIONS = 2
 
 
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(EXIT_BAD_OPTIONS)
-
-
-def _config_error(e: ValidationError) -> str:
-    problems = []
-    for err in e.errors():
-        where = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-") if err["loc"] else "options"
-        message = err["msg"].removeprefix("Value error, ")
-        problems.append(f"{where}: {message}" if err["loc"] else message)
-    return "; ".join(problems)
 
 
 def train(
@@ -88,7 +81,7 @@ def train(
     try:
         config = TrainConfig(**options)
     except ValidationError as e:
-        _fail(_config_error(e))
+        _fail(validation_problems(e, as_flag))
     result = run_training(config)
     if result.status == "failed":
         typer.echo(f"error: {result.reason}", err=True)

@@ -1067,8 +1067,7 @@ def is_out_of_memory(e: BaseException) -> bool:
     """A failed allocation: Python's MemoryError, CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(s in text for s in _OOM_MESSAGES)
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _OOM_MESSAGES)
 
 
 def out_of_memory_reason(e: BaseException, step: int, device: torch.device) -> str:
