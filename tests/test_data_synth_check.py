@@ -132,6 +132,37 @@ def test_unseen_style(tmp_path):
         synthesize(tmp_path / "x", n=4, style="fancy")
 
 
+def test_no_lesion_images_and_other_phrasings(tmp_path):
+    summary = synthesize(tmp_path / "a", n=60, seed=3, size=64, no_lesion_fraction=0.3, phrasing="plain")
+    rows = load_records(tmp_path / "a")
+    empty = [r for r in rows if not read_mask(r.mask_path).any()]
+    assert 8 <= len(empty) <= 30 and summary.by_zone.get("none") == len(empty)
+    for r in rows:  # every answer reads back to the zones of its own mask, "none" for an empty one
+        info = zone_of_mask(read_mask(r.mask_path))
+        want = sorted({z for z, _ in info.lesions}) or ["none"]
+        assert sorted(set(zones_from_text(r.answer))) == want, r.answer
+        if want != ["none"]:
+            assert "upper" in r.answer or "lower" in r.answer or "centre" in r.answer, r.answer
+            assert "top" not in r.answer and "bottom" not in r.answer, r.answer
+    assert check_dataset(tmp_path / "a").ok
+    # Images with no lesion are drawn from a stream of their own: the others are the bytes they were without.
+    synthesize(tmp_path / "b", n=60, seed=3, size=64, phrasing="plain")
+    kept = [r for r in rows if r not in empty]
+    same = sum((tmp_path / "b" / r.image_path.relative_to(tmp_path / "a")).read_bytes() == r.image_path.read_bytes()
+               for r in kept)
+    assert same == len(kept)
+    with pytest.raises(ValueError, match="unknown phrasing 'fancy'"):
+        synthesize(tmp_path / "c", n=4, size=64, phrasing="fancy")
+
+
+@pytest.mark.parametrize("style", ["histology_slide", "thermal_image"])
+def test_more_unseen_styles(tmp_path, style):
+    summary = synthesize(tmp_path, n=6, seed=0, size=64, style=style, phrasing="radiology")
+    assert summary.styles == [style]
+    assert check_dataset(tmp_path).ok
+    assert all(r.answer.startswith(("Finding", "A ")) for r in load_records(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Layout and manifest
 

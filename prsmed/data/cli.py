@@ -18,15 +18,22 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="The same seed writes the same bytes."),
     size: int = typer.Option(256, "--size", help="Image side in pixels."),
     style: str = typer.Option("standard", "--style",
-                              help="'standard': the six modalities; 'unseen': a seventh look (retina_fundus)."),
+                              help="'standard': the six modalities; 'unseen': a seventh look (retina_fundus); or "
+                                   "one unseen look by name: retina_fundus, histology_slide, thermal_image."),
     questions: int = typer.Option(1, "--questions", help="Question rows per image (1-5)."),
+    no_lesion: float = typer.Option(0.0, "--no-lesion",
+                                    help="Share of images with no lesion (empty mask, an answer that says so)."),
+    phrasing: str = typer.Option("standard", "--phrasing",
+                                 help="How the answers word positions: standard, plain ('upper left', 'centre'), "
+                                      "radiology ('left upper quadrant') or anatomical ('superior left aspect')."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Write a synthetic position-reasoning dataset in the PRS-Med layout."""
     from prsmed.data.synth import synthesize
 
     try:
-        summary = synthesize(out, n=n, seed=seed, size=size, style=style, questions_per_image=questions)
+        summary = synthesize(out, n=n, seed=seed, size=size, style=style, questions_per_image=questions,
+                             no_lesion_fraction=no_lesion, phrasing=phrasing)
     except ValueError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2)

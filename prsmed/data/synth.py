@@ -2,8 +2,9 @@
 
 Six procedural styles stand for the paper's six modalities (grey-level MRI with a skull, speckled ultrasound,
 CT with dark lungs, a chest radiograph with ribs, colour endoscopy with folds and glare, colour dermoscopy with
-hairs), each with lesions of a typical look. A seventh style, ``retina_fundus`` (``style="unseen"``), looks like
-none of them and is meant for fine-tuning on a new visual domain.
+hairs), each with lesions of a typical look. Three more styles, ``retina_fundus`` (``style="unseen"``),
+``histology_slide`` and ``thermal_image``, look like none of them and are meant for fine-tuning on a new visual
+domain.
 
 Lesion positions are drawn evenly over the nine labels (four quadrants, near or far from the centre, and the
 centre); lung CT also gets two-nodule cases. Every label is then *computed from the written mask* with
@@ -34,7 +35,17 @@ from prsmed.data.templates import TEST_QUESTIONS, TRAIN_QUESTIONS, make_qa
 from prsmed.data.zones import QUADRANTS, zone_label, zone_of_mask
 
 UNSEEN_STYLE = ModalityInfo("retina_fundus", "fundus photograph", "fundus photograph", "lesion", 6)
-STYLES: dict[str, ModalityInfo] = {**MODALITIES, UNSEEN_STYLE.folder: UNSEEN_STYLE}
+# Styles none of the six modalities looks like, for fine-tuning on a new visual domain (class id 6: no modality
+# label of the authors', so the modality loss ignores them).
+UNSEEN_STYLES: dict[str, ModalityInfo] = {
+    m.folder: m
+    for m in (
+        UNSEEN_STYLE,
+        ModalityInfo("histology_slide", "histology", "histology slide", "tumour", 6),
+        ModalityInfo("thermal_image", "thermal", "thermal image", "lesion", 6),
+    )
+}
+STYLES: dict[str, ModalityInfo] = {**MODALITIES, **UNSEEN_STYLES}
 STANDARD = tuple(MODALITIES)
 # A stable number per style for seeding, independent of which styles a run asks for.
 _STYLE_CODE = {name: i for i, name in enumerate(STYLES)}
@@ -334,6 +345,55 @@ def _fundus_paint(rng, img, t, s):
     return img * (1 - a)[..., None] + _tint(a * tex, colour)
 
 
+def _histology_bg(rng, s):
+    stain = 0.55 + 0.35 * _smooth(rng, s, s, 9)  # eosin: pink stroma, uneven
+    img = _tint(stain, (0.95, 0.62, 0.78)) + _tint(1 - stain, (0.98, 0.9, 0.95))
+    holes = _smooth(rng, s, s, 5) > 0.78  # fat and lumens: white gaps
+    img[holes] = (0.97, 0.95, 0.97)
+    layer = Image.new("L", (s, s), 0)  # scattered haematoxylin-stained nuclei
+    draw = ImageDraw.Draw(layer)
+    rad = max(1.0, s / 160)
+    for x, y in rng.uniform(0, s, (int(0.004 * s * s / 4), 2)):
+        draw.ellipse((x - rad, y - rad * 0.7, x + rad, y + rad * 0.7), fill=255)
+    nuclei = np.asarray(layer, np.float32)[..., None] / 255.0
+    return img * (1 - nuclei) + nuclei * np.array([0.42, 0.22, 0.55], np.float32)
+
+
+def _histology_paint(rng, img, t, s):
+    a = _soft(t, 0.2)
+    h, w = t.shape
+    crowd = (_smooth(rng, h, w, max(2, 40 * max(h, w) // s)) > 0.45).astype(np.float32)  # packed nuclei
+    colour = np.array([0.36, 0.16, 0.5], np.float32) * rng.uniform(0.85, 1.1)
+    tumour = _tint(0.75 + 0.3 * crowd, colour)
+    return img * (1 - a)[..., None] + tumour * a[..., None]
+
+
+def _jet(v: np.ndarray) -> np.ndarray:
+    """A blue-green-yellow-red pseudo-colour scale for a 0..1 temperature map."""
+    v = np.clip(v, 0.0, 1.0)[..., None]
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return np.concatenate([r, g, b], axis=-1).astype(np.float32)
+
+
+def _thermal_bg(rng, s):
+    c = s / 2 + rng.uniform(-0.03, 0.03, 2) * s
+    body = _ellipse(s, c[0], c[1], 0.4 * s, 0.46 * s)
+    temp = np.where(body < 1, 0.42 + 0.12 * _smooth(rng, s, s, 4) - 0.1 * np.clip(body, 0, 1) ** 2, 0.08)
+    return _jet(temp + 0.01 * rng.standard_normal((s, s), dtype=np.float32))
+
+
+def _thermal_paint(rng, img, t, s):
+    heat = np.clip(1.0 - t, 0, 1) ** 0.5  # hottest in the middle of the lesion
+    hot = _jet(0.72 + 0.25 * heat)
+    a = _soft(t, 0.12)
+    halo = _soft(t / 1.6, 0.4) * (t >= 1)  # warm margin outside the mask
+    warm = _jet(np.full(t.shape, 0.62, np.float32))
+    out = img * (1 - halo)[..., None] + warm * halo[..., None]
+    return out * (1 - a)[..., None] + hot * a[..., None]
+
+
 _STYLE_DEFS: dict[str, _Style] = {
     "brain_tumors_ct_scan": _Style(_brain_bg, _brain_paint, (0.05, 0.12), 0.35, ".png"),
     "breast_tumors_ct_scan": _Style(_breast_bg, _breast_paint, (0.06, 0.13), 0.25, ".png"),
@@ -342,6 +402,8 @@ _STYLE_DEFS: dict[str, _Style] = {
     "polyp_endoscopy": _Style(_polyp_bg, _polyp_paint, (0.06, 0.14), 0.2, ".jpg"),
     "skin_rgbimage": _Style(_skin_bg, _skin_paint, (0.08, 0.17), 0.45, ".jpg", _skin_hairs),
     "retina_fundus": _Style(_fundus_bg, _fundus_paint, (0.025, 0.07), 0.3, ".png"),
+    "histology_slide": _Style(_histology_bg, _histology_paint, (0.05, 0.12), 0.4, ".jpg"),
+    "thermal_image": _Style(_thermal_bg, _thermal_paint, (0.04, 0.1), 0.25, ".png"),
 }
 
 
@@ -350,13 +412,18 @@ _STYLE_DEFS: dict[str, _Style] = {
 
 
 def render_sample(style: str, seed: int, index: int, size: int = 256, *, two_lesions: bool | None = None,
-                  two_lesion_fraction: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 image (H, W) or (H, W, 3), bool mask) for one sample; deterministic in (style, seed, index)."""
+                  two_lesion_fraction: float = 0.3, no_lesion: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 image (H, W) or (H, W, 3), bool mask) for one sample; deterministic in (style, seed, index).
+    ``no_lesion`` draws the background alone, with an empty mask."""
     if style not in _STYLE_DEFS:
         raise ValueError(f"unknown style {style!r}: expected one of {', '.join(_STYLE_DEFS)}")
     rng = np.random.default_rng([seed, _STYLE_CODE[style], index])
     st = _STYLE_DEFS[style]
     img = st.background(rng, size).astype(np.float32)
+    if no_lesion:
+        if st.post is not None:
+            img = st.post(rng, img, size)
+        return _to_u8(img), np.zeros((size, size), dtype=bool)
     if two_lesions is None:
         two_lesions = style == "lung_CT" and rng.random() < two_lesion_fraction
     first = TARGETS[(index + int(rng.integers(0, len(TARGETS)))) % len(TARGETS)]
@@ -419,17 +486,26 @@ def _encode(arr: np.ndarray, ext: str) -> bytes:
 
 def synthesize(out_dir, n: int = 600, seed: int = 0, size: int = 256, modalities: Sequence[str] | None = None, *,
                style: str = "standard", questions_per_image: int = 1, split_fractions=(0.8, 0.1, 0.1),
-               two_lesion_fraction: float = 0.3) -> SynthSummary:
+               two_lesion_fraction: float = 0.3, no_lesion_fraction: float = 0.0,
+               phrasing: str = "standard") -> SynthSummary:
     """Write ``n`` images (shared evenly among the styles) in the authors' layout under ``out_dir``.
 
-    ``style="standard"`` draws the six modalities, ``style="unseen"`` the seventh (``retina_fundus``);
-    ``modalities`` picks styles by folder name instead. Each image gets ``questions_per_image`` rows with
-    different questions; ``test`` rows use the 5 held-out questions, ``train``/``val`` rows the 50 others.
+    ``style="standard"`` draws the six modalities, ``style="unseen"`` the seventh (``retina_fundus``), and any
+    unseen style's name (:data:`UNSEEN_STYLES`) that one; ``modalities`` picks styles by folder name instead. Each
+    image gets ``questions_per_image`` rows with different questions; ``test`` rows use the 5 held-out questions,
+    ``train``/``val`` rows the 50 others. ``no_lesion_fraction`` of the images show no lesion: an empty mask and
+    an answer that says so. ``phrasing`` words the answers another way (:data:`prsmed.data.templates.PHRASINGS`).
     """
     if modalities is None:
-        if style not in ("standard", "unseen"):
-            raise ValueError(f"unknown style {style!r}: expected 'standard' (the six modalities) or 'unseen'")
-        modalities = STANDARD if style == "standard" else (UNSEEN_STYLE.folder,)
+        if style in UNSEEN_STYLES:
+            modalities = (style,)
+        elif style not in ("standard", "unseen"):
+            raise ValueError(f"unknown style {style!r}: expected 'standard' (the six modalities), 'unseen' or one "
+                             f"of {', '.join(UNSEEN_STYLES)}")
+        else:
+            modalities = STANDARD if style == "standard" else (UNSEEN_STYLE.folder,)
+    if not 0.0 <= no_lesion_fraction < 1.0:
+        raise ValueError(f"no_lesion_fraction must be in [0, 1), found {no_lesion_fraction}")
     unknown = [m for m in modalities if m not in _STYLE_DEFS]
     if unknown:
         raise ValueError(f"unknown modality style(s) {unknown}: expected some of {', '.join(_STYLE_DEFS)}")
@@ -450,11 +526,15 @@ def synthesize(out_dir, n: int = 600, seed: int = 0, size: int = 256, modalities
         for rank, idx in enumerate(order):
             split_of[int(idx)] = "train" if rank < n_train else ("val" if rank < n_train + n_val else "test")
         rows = []
+        # Which images show no lesion: drawn from their own stream, so the others stay as they were without any.
+        empty_rng = np.random.default_rng([seed, _STYLE_CODE[modality], 10**9 + 1])
+        empty = empty_rng.random(count) < no_lesion_fraction
         for i in range(count):
             split = split_of[i]
-            image, mask = render_sample(modality, seed, i, size, two_lesion_fraction=two_lesion_fraction)
+            image, mask = render_sample(modality, seed, i, size, two_lesion_fraction=two_lesion_fraction,
+                                        no_lesion=bool(empty[i]))
             zinfo = zone_of_mask(mask)
-            if zinfo.zone == "none":  # the authors drop empty masks; a placement never yields one, but be safe
+            if zinfo.zone == "none" and not empty[i]:  # a placement never yields an empty mask, but be safe
                 continue
             isic = modality == "skin_rgbimage"
             stem = f"ISIC_{i:07d}" if isic else f"{i:05d}"
@@ -470,7 +550,7 @@ def synthesize(out_dir, n: int = 600, seed: int = 0, size: int = 256, modalities
             lesions = zinfo.lesions
             for template in qrng.sample(pool, questions_per_image):
                 qa = make_qa(lesions, modality=info.display, target=info.target, split=split, rng=qrng,
-                             question=template)
+                             question=template, phrasing=phrasing)
                 rows.append((mask_rel, Path(img_rel).name, split, qa.question, qa.answer, qa.position))
             summary.images += 1
             summary.by_split[split] = summary.by_split.get(split, 0) + 1
@@ -484,6 +564,8 @@ def synthesize(out_dir, n: int = 600, seed: int = 0, size: int = 256, modalities
         summary.rows += len(rows)
         summary.by_modality[modality] = len(rows)
     info = {"generator": "prsmed.data.synth", "version": SYNTH_VERSION, **summary.to_dict()}
+    if no_lesion_fraction or phrasing != "standard":  # recorded only when used, so older files read the same
+        info.update(no_lesion_fraction=no_lesion_fraction, phrasing=phrasing)
     info.pop("root")
     (root / "synth.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return summary

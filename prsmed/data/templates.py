@@ -165,6 +165,58 @@ TWO_LESION_FRAMES: tuple[str, ...] = (
 )
 SAME_ZONE_FRAMES: tuple[str, ...] = ("both in {a}", "both lying in {a}")
 
+# Images with no lesion: the answer says so in words, and the mask is empty. Each sentence reads back as "none"
+# (:func:`prsmed.data.zones.zones_from_text`) for every target name of the synthetic modalities.
+NO_LESION_ANSWERS: tuple[str, ...] = (
+    "No {target} is visible in this image.",
+    "There is no {target} in this image.",
+    "I see no {target} here; the image looks normal.",
+    "No {target} can be found in this image.",
+)
+NO_LESION_POSITION_SENTENCES: tuple[str, ...] = ("No {target} is seen.", "There is no {target} in the image.")
+
+
+@dataclass(frozen=True)
+class Phrasing:
+    """Another way of wording the answers, for datasets that say the positions in words of their own.
+
+    ``quadrants`` maps each zone to the phrase this phrasing uses for it; ``single``, ``two`` and ``none`` are the
+    answer frames for one lesion, two lesions (``{a}``, ``{b}``) and no lesion.
+    """
+
+    quadrants: dict[str, str]
+    single: tuple[str, ...]
+    two: tuple[str, ...]
+    none: tuple[str, ...]
+
+
+# Phrasings that the synthetic data can be written in (``prsmed data synth --phrasing NAME``). ``standard`` is the
+# templates above; the others word the positions differently, as another team's annotations would, and are used to
+# check that fine-tuning makes the answers follow a dataset's own words (bench/finetune_unseen.py).
+PHRASINGS: dict[str, Phrasing] = {
+    "plain": Phrasing(
+        {"top left": "upper left", "top right": "upper right", "bottom left": "lower left",
+         "bottom right": "lower right", "center": "centre"},
+        ("The {target} is in the {a}.", "The {target} is seen in the {a} of the image."),
+        ("There are two lesions, in the {a} and in the {b}.",),
+        ("No {target} is seen.",),
+    ),
+    "radiology": Phrasing(
+        {"top left": "left upper quadrant", "top right": "right upper quadrant",
+         "bottom left": "left lower quadrant", "bottom right": "right lower quadrant", "center": "central region"},
+        ("Finding: {target} in the {a}.", "A {target} is noted in the {a}."),
+        ("Findings: two lesions, one in the {a} and one in the {b}.",),
+        ("Findings: no {target} detected.",),
+    ),
+    "anatomical": Phrasing(
+        {"top left": "superior left aspect", "top right": "superior right aspect",
+         "bottom left": "inferior left aspect", "bottom right": "inferior right aspect", "center": "middle"},
+        ("{target} at the {a}.", "The {target} occupies the {a} of the field."),
+        ("Two lesions: at the {a} and at the {b}.",),
+        ("Without {target} on this image.",),
+    ),
+}
+
 assert len(TRAIN_QUESTIONS) == 50 and len(TEST_QUESTIONS) == 5
 assert not set(TRAIN_QUESTIONS) & set(TEST_QUESTIONS)
 
@@ -206,15 +258,32 @@ def _sentence(template: str, **slots: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def make_qa(lesions: Sequence[tuple[str, bool]], *, modality: str, target: str, split: str,
-            rng: random.Random, question: str | None = None) -> QA:
-    """One question/answer/position triple. ``split == "test"`` draws from the 5 held-out questions, every
-    other split from the 50 training questions; ``question`` fixes the question template instead."""
+def _phrased(lesions: Sequence[tuple[str, bool]], phrasing: Phrasing, target: str, rng: random.Random) -> str:
     if not lesions:
-        raise ValueError("a position QA needs at least one lesion; the mask is empty")
+        return _sentence(rng.choice(phrasing.none), target=target)
+    if len(lesions) == 1:
+        return _sentence(rng.choice(phrasing.single), target=target, a=phrasing.quadrants[lesions[0][0]])
+    a, b = (phrasing.quadrants[z] for z, _ in lesions[:2])
+    return _sentence(rng.choice(phrasing.two), target=target, a=a, b=b)
+
+
+def make_qa(lesions: Sequence[tuple[str, bool]], *, modality: str, target: str, split: str,
+            rng: random.Random, question: str | None = None, phrasing: str = "standard") -> QA:
+    """One question/answer/position triple. ``split == "test"`` draws from the 5 held-out questions, every
+    other split from the 50 training questions; ``question`` fixes the question template instead. No lesions
+    gives an answer that says there is none. ``phrasing`` names another wording of the answers (:data:`PHRASINGS`);
+    its position sentence is its answer."""
+    if phrasing != "standard" and phrasing not in PHRASINGS:
+        raise ValueError(f"unknown phrasing {phrasing!r}: expected standard or one of {', '.join(PHRASINGS)}")
     if question is None:
         question = rng.choice(TEST_QUESTIONS if split == "test" else TRAIN_QUESTIONS)
     question = _sentence(question, modality=modality, target=target)
+    if phrasing != "standard":
+        answer = _phrased(lesions, PHRASINGS[phrasing], target, rng)
+        return QA(question, answer, answer)
+    if not lesions:
+        return QA(question, _sentence(rng.choice(NO_LESION_ANSWERS), target=target),
+                  _sentence(rng.choice(NO_LESION_POSITION_SENTENCES), target=target))
     phrase = position_phrase(lesions, rng)
     two = len(lesions) == 2
     answer = _sentence(rng.choice(TWO_LESION_ANSWERS if two else ANSWERS), position=phrase, target=target)

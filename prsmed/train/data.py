@@ -8,8 +8,10 @@
   the permutation is padded to a multiple of the world size and process ``r`` takes every ``world``-th index from
   ``r`` (as ``DistributedSampler`` does), so a position is simply (epoch, micro-batches done), and a resumed run
   continues with the very next batch.
-* Bad rows: a row whose image or mask cannot be read, whose mask is empty, or whose mask and image sizes differ is
-  dropped from its batch and reported (its index and the reason); the run goes on.
+* Bad rows: a row whose image or mask cannot be read, whose mask is empty while its answer names a position, or
+  whose mask and image sizes differ is dropped from its batch and reported (its index and the reason); the run
+  goes on. An empty mask whose answer says there is no lesion ("No nodule is visible in this image.") is a row
+  like any other: it teaches the model to say so and to return an empty mask.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from prsmed.data.zones import NONE, zones_from_text
 from prsmed.train.losses import modality_id, resize_mask
 
 VAL_SPLITS = ("val", "validation", "valid")
@@ -123,8 +126,8 @@ def read_pair(record: Any) -> tuple[Image.Image, np.ndarray]:
     if (mask.shape[1], mask.shape[0]) != image.size:
         raise BadRow(f"mask {record.mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {record.image_path} is "
                      f"{image.size[0]}x{image.size[1]}")
-    if not mask.any():
-        raise BadRow(f"mask {record.mask_path} is empty")
+    if not mask.any() and zones_from_text(record.answer) != [NONE]:
+        raise BadRow(f"mask {record.mask_path} is empty but the answer does not say there is no lesion")
     return image, mask
 
 
