@@ -103,6 +103,18 @@ def zoo_show(name: str, as_json: bool = typer.Option(False, "--json", help="Prin
     console.print(table)
     for w in info["weights"]:
         console.print(f"weights for {w['component']}: {w['path']} ({'present' if w['present'] else 'missing'})")
+    record = info.get("weights_record")
+    if record is not None:
+        if "revision" in record:
+            console.print(f"weights: revision {record['revision']}, identity {record['identity'][:12]} "
+                          f"({record['path']})", highlight=False)
+            console.print(f"trained on: {record['trained_on']}", highlight=False)
+            console.print(f"intended use: {record['intended_use']}", highlight=False)
+        for problem in record["problems"]:
+            console.print(f"[red]weights record problem:[/red] {problem}; rebuild the weights "
+                          f"(`prsmed zoo build {info['name']}`) or reinstall prsmed", highlight=False)
+    elif info["weights"]:
+        console.print("weights identity: sampled from the files above when the model is built (docs/hub.md)")
 
 
 @zoo_app.command("build")
@@ -210,6 +222,9 @@ def pull_command(
     store: Path = typer.Option(Path(".prsmed/adapters"), "--store", help="The adapter store (prsmed serve's)."),
     model: Optional[str] = typer.Option(None, "--model", help="Refuse an adapter made for another base model."),
     force: bool = typer.Option(False, "--force", help="Download again even if it is already installed."),
+    allow_other_base_weights: bool = typer.Option(
+        False, "--allow-other-base-weights", help="Install an adapter trained on other base weights, or written "
+        "before they were recorded (loading it then needs the same flag)."),
 ) -> None:
     """Download an adapter from the Hub, verify every file and the base model, and install it."""
     from prsmed.hub import HubError, HubRef, pull
@@ -217,7 +232,8 @@ def pull_command(
 
     try:
         hub_ref = HubRef.parse(ref)
-        dest = pull(hub_ref, to or store / hub_ref.store_name, expect_model=model, force=force)
+        dest = pull(hub_ref, to or store / hub_ref.store_name, expect_model=model, force=force,
+                    allow_other_base_weights=allow_other_base_weights)
     except (HubError, BundleError, ValueError) as e:
         _fail(str(e), 1)
     source = dest / "hub_source.json"

@@ -3,8 +3,8 @@
 A bundle is pushed as it is: its manifest lists every file's SHA-256 and its ``README.md`` is the model card
 (YAML front matter for the Hub, metrics, training configuration, intended use, how to load it). Pulling downloads a
 snapshot with ``huggingface_hub.snapshot_download`` (so the Hub's cache, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``
-work as everywhere else), checks every file against the manifest and the base model against this installation's
-zoo, and only then copies it into the adapter store.
+work as everywhere else), checks every file against the manifest and the base model (architecture and weights)
+against this installation's zoo, and only then copies it into the adapter store.
 
 References: ``owner/name``, ``owner/name@revision`` or ``hf://owner/name@revision`` (a branch, tag or commit).
 A reference is pulled once and kept in the store under a name derived from it (``hf--owner--name--revision``);
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prsmed.fileio import fsync_tree, replace_dir
-from prsmed.model.bundle import BundleError, verify_bundle
+from prsmed.model.bundle import BundleError, check_base_weights, verify_bundle
 
 SCHEME = "hf://"
 SOURCE_FILE = "hub_source.json"  # where a pulled bundle came from; not part of the manifest
@@ -142,9 +142,11 @@ def push(bundle_dir: str | Path, repo_id: str, *, private: bool = False, revisio
     return {"repo_id": ref.repo_id, "revision": revision or "main", "commit": info.oid, "url": info.commit_url}
 
 
-def check_base(manifest, expect_model: str | None = None) -> None:
-    """The bundle's base model must be one this installation knows, built the same way (same fingerprint)."""
-    from prsmed.zoo import PRESETS, resolve_spec
+def check_base(manifest, expect_model: str | None = None, *, allow_other_base_weights: bool = False) -> None:
+    """The bundle's base model must be one this installation knows, built the same way (same fingerprint), and its
+    adapter trained on the weights this installation has (when they are on this machine: the 7B presets' weights
+    may not be, and loading checks them again)."""
+    from prsmed.zoo import PRESETS, base_weights, resolve_spec
 
     base = manifest.base
     if expect_model is not None and base.name != expect_model:
@@ -157,13 +159,17 @@ def check_base(manifest, expect_model: str | None = None) -> None:
         raise BundleError(f"the adapter was made for {base.name!r} revision {base.revision} (fingerprint "
                           f"{base.fingerprint}) but this prsmed's {base.name!r} is revision {local.revision} "
                           f"(fingerprint {local.fingerprint()}); it would not load")
+    check_base_weights(base.weights, base_weights(base.name), what="the adapter", base=base.name,
+                       allow=allow_other_base_weights)
 
 
 def pull(ref: str | HubRef, dest: str | Path, *, token: str | None = None, endpoint: str | None = None,
-         expect_model: str | None = None, force: bool = False, cache_dir: str | Path | None = None) -> Path:
+         expect_model: str | None = None, force: bool = False, cache_dir: str | Path | None = None,
+         allow_other_base_weights: bool = False) -> Path:
     """Download ``ref`` and install it at ``dest`` once verified: every file's SHA-256 against the manifest and the
     base model against the local zoo (:func:`check_base`). ``dest`` appears whole or not at all. An existing
-    ``dest`` is kept unless ``force``."""
+    ``dest`` is kept unless ``force``. ``allow_other_base_weights`` installs an adapter trained on other base
+    weights (or written before they were recorded) with a warning instead of refusing it."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -179,7 +185,7 @@ def pull(ref: str | HubRef, dest: str | Path, *, token: str | None = None, endpo
         raise _hub_error(e, what, endpoint) from e
     try:
         manifest = verify_bundle(snapshot)
-        check_base(manifest, expect_model)
+        check_base(manifest, expect_model, allow_other_base_weights=allow_other_base_weights)
     except BundleError as e:
         raise BundleError(f"{what}: refused: {e}") from e
     commit = snapshot.name  # snapshot_download's folder is named after the commit it resolved

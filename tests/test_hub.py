@@ -19,6 +19,7 @@ from prsmed.infer import Predictor
 from prsmed.infer.adapters import AdapterStore
 from prsmed.model.bundle import BundleError, save_bundle
 from prsmed.zoo import build_model
+from test_base_weights import old_bundle  # noqa: F401 (a fixture)
 from test_predictor import perturbed_bundle, scan
 
 ALICE, BOB = "hf_alice_0123456789abcdef", "hf_bob_0123456789abcdef"
@@ -103,6 +104,21 @@ def test_an_adapter_for_another_base_model_is_refused(hub, tmp_path):
     with pytest.raises(BundleError, match="not 'prsmed-llava-med-7b'"):
         pull("alice/foreign", tmp_path / "dest", endpoint=hub.url, cache_dir=tmp_path / "c2",
              expect_model="prsmed-llava-med-7b")
+
+
+def test_an_adapter_trained_on_other_base_weights_is_refused_unless_allowed(hub, old_bundle, tmp_path):
+    out, old, _ = old_bundle
+    push(out, "alice/old-weights", token=ALICE, endpoint=hub.url)
+    with pytest.raises(BundleError, match=f"revision old \\(identity {old.identity[:12]}\\)"):
+        pull("alice/old-weights", tmp_path / "dest", endpoint=hub.url, cache_dir=tmp_path / "c")
+    assert not (tmp_path / "dest").exists()
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+    refused = _cli(["pull", "alice/old-weights", "--to", str(tmp_path / "cli")], env, tmp_path)
+    assert refused.returncode == 1 and "--allow-other-base-weights" in " ".join(refused.stderr.split())
+    allowed = _cli(["pull", "alice/old-weights", "--to", str(tmp_path / "cli"), "--allow-other-base-weights"], env,
+                   tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "cli" / "adapter_manifest.json").is_file()
 
 
 def test_wrong_tokens_and_private_repositories(hub, bundles, tmp_path):

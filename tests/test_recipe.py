@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from prsmed.base_weights import check_record, read_record
 from prsmed.zoo import build_model
 from prsmed.zoo.presets import PRESETS
-from prsmed.zoo.recipe import PARTS, RecipeConfig, build_tiny
+from prsmed.zoo.recipe import PARTS, WEIGHTS_REVISION, RecipeConfig, build_tiny
 
 
 @pytest.mark.slow
@@ -19,7 +20,10 @@ def test_recipe_writes_loadable_weights(tmp_path):
     summary = build_tiny(tmp_path / "work", cfg, assets_dir=tmp_path / "assets", progress=False)
     assert summary["joint_stage"] == {"status": "completed", "steps": 2}
     assert json.loads((tmp_path / "work" / "recipe.json").read_text())["recipe"]["n_images"] == 60
-    assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == sorted(f"{p}.safetensors" for p in PARTS)
+    assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == sorted(
+        [f"{p}.safetensors" for p in PARTS] + ["weights.json"])
+    record = read_record(tmp_path / "assets")  # the preset's revision comes from this record
+    assert record.revision == WEIGHTS_REVISION and check_record(tmp_path / "assets") == []
     spec = PRESETS["prsmed-tiny"].spec.model_copy(deep=True)
     for kind in ("vision_encoder", "llm", "fusion_head"):
         getattr(spec, kind).options["checkpoint"] = str(tmp_path / "assets" / f"{kind}.safetensors")

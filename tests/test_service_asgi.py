@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from prsmed.data.synth import synthesize
 from prsmed.model.bundle import save_bundle
 from prsmed.zoo import build_model
+from test_base_weights import old_bundle  # noqa: F401 (a fixture)
 
 
 def png(seed=0) -> bytes:
@@ -72,6 +74,17 @@ def test_adapter_in_store_is_listed_loaded_and_used(client):
     base, shifted = ask(client, png(4)).json(), ask(client, png(4), adapter="shifted").json()
     assert shifted["adapter"] == "shifted" and base["adapter"] is None
     assert (base["mask_png"], base["confidence"]) != (shifted["mask_png"], shifted["confidence"])
+
+
+def test_an_adapter_trained_on_other_base_weights_is_refused_with_no_override(client, old_bundle):
+    out, old, _ = old_bundle
+    shutil.copytree(out, client.data_dir / "adapters" / "old-weights")
+    try:
+        for r in (client.post("/v1/adapters/old-weights/load"), ask(client, adapter="old-weights")):
+            assert r.status_code == 422 and r.json()["error"] == "invalid_adapter"
+            assert f"revision old (identity {old.identity[:12]})" in r.json()["message"]
+    finally:
+        shutil.rmtree(client.data_dir / "adapters" / "old-weights")
 
 
 def test_jobs_validation_and_a_full_queue(client, tmp_path):

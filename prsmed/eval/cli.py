@@ -49,11 +49,14 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N rows only."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write probability maps (PNG) and answers (CSV) here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    allow_other_base_weights: bool = typer.Option(
+        False, "--allow-other-base-weights", help="Load an --adapter trained on other base weights, or written before "
+        "they were recorded (its scores then say little about it)."),
 ) -> None:
     """Score a model on a split: the paper's mDice/mIoU, Dice/IoU at 0.5, HD95, zones and text metrics."""
     from prsmed.data.layout import load_records
     from prsmed.eval.runner import predict_records, summarize, write_outputs
-    from prsmed.model.bundle import load_bundle
+    from prsmed.model.bundle import BundleError, load_bundle
     from prsmed.zoo import build_model
 
     records = load_records(data, split=split)
@@ -64,7 +67,11 @@ def eval_command(
         raise typer.Exit(2)
     net = build_model(model)
     if adapter is not None:
-        load_bundle(adapter, net)
+        try:
+            load_bundle(adapter, net, allow_other_base_weights=allow_other_base_weights)
+        except BundleError as e:
+            Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(2)
     results = predict_records(net, records, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               progress=not as_json)
     report = summarize(results)

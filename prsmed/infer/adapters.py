@@ -59,9 +59,12 @@ def adapter_info(name: str, path: Path) -> AdapterInfo:
 class AdapterStore:
     """Bundles under ``root`` by directory name, plus any bundle directory given by path."""
 
-    def __init__(self, root: str | Path | None = None, *, hub_endpoint: str | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, *, hub_endpoint: str | None = None,
+                 allow_other_base_weights: bool = False) -> None:
         self.root = Path(root) if root is not None else None
         self.hub_endpoint = hub_endpoint  # None: huggingface_hub's own (HF_ENDPOINT, else the Hub)
+        # Install Hub adapters trained on other base weights (with a warning); the service never sets it.
+        self.allow_other_base_weights = allow_other_base_weights
         self._extra: dict[str, Path] = {}
 
     def register(self, name: str, path: str | Path) -> None:
@@ -88,11 +91,12 @@ class AdapterStore:
             from prsmed.zoo.presets import weights_home
 
             path = pull(hub_ref, weights_home().parent / "adapters" / name, token=token, expect_model=expect_model,
-                        force=force, endpoint=self.hub_endpoint)
+                        force=force, endpoint=self.hub_endpoint,
+                        allow_other_base_weights=self.allow_other_base_weights)
             self._extra[name] = path
             return name
         pull(hub_ref, self.root / name, token=token, expect_model=expect_model, force=force,
-             endpoint=self.hub_endpoint)
+             endpoint=self.hub_endpoint, allow_other_base_weights=self.allow_other_base_weights)
         return name
 
     def resolve(self, ref: str | Path) -> tuple[str, Path]:

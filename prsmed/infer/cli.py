@@ -21,6 +21,9 @@ def predict_command(
     overlay_path: Optional[Path] = typer.Option(None, "--overlay", help="Write the image with the mask drawn over."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    allow_other_base_weights: bool = typer.Option(
+        False, "--allow-other-base-weights", help="Use an adapter trained on other base weights, or written before "
+        "they were recorded (its masks and answers may be wrong)."),
 ) -> None:
     """Answer a question about an image: the position in words and the lesion's mask."""
     from prsmed.components import ComponentError
@@ -30,7 +33,8 @@ def predict_command(
 
     err = Console(stderr=True)
     try:
-        predictor = Predictor(model, device=device, adapter_dir=adapter_dir)
+        predictor = Predictor(model, device=device, adapter_dir=adapter_dir,
+                              allow_other_base_weights=allow_other_base_weights)
         result = predictor.predict(image, question, adapter=adapter)
     except (InvalidInput, AdapterNotFound, BundleError, HubError, WeightsMissing, ComponentError, KeyError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)

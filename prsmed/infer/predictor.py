@@ -142,6 +142,7 @@ class Predictor:
         cache_size: int = 64,
         max_new_tokens: int = 64,
         threshold: float = 0.5,
+        allow_other_base_weights: bool = False,
     ) -> None:
         if isinstance(model, str):
             from prsmed.zoo import build_model
@@ -150,7 +151,10 @@ class Predictor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.model_name = model.spec.name
-        self.store = AdapterStore(adapter_dir)
+        # Whether adapters trained on other base weights (or before they were recorded) load, with a warning; the
+        # service leaves it off, so a client can never put such an adapter on the shared model.
+        self.allow_other_base_weights = allow_other_base_weights
+        self.store = AdapterStore(adapter_dir, allow_other_base_weights=allow_other_base_weights)
         self.max_resident = max(1, max_resident_adapters)
         self.max_new_tokens = max_new_tokens
         self.threshold = threshold
@@ -164,13 +168,14 @@ class Predictor:
     # adapters --------------------------------------------------------------------------------------------------
     def load_adapter(self, ref: str | Path, *, reload: bool = False) -> AdapterInfo:
         """Verify and read a bundle (a store name or a path) into memory; the model is not changed until a request
-        names it. Raises :class:`AdapterNotFound` or :class:`BundleError` (tampered, or for another base)."""
+        names it. Raises :class:`AdapterNotFound` or :class:`BundleError` (tampered, or for another base model or
+        other base weights)."""
         name, path = self.store.resolve(ref)
         with self._lock:
             if name in self._resident and not reload:
                 self._resident.move_to_end(name)
                 return self._info[name]
-            weights = read_bundle(path, self.model)
+            weights = read_bundle(path, self.model, allow_other_base_weights=self.allow_other_base_weights)
             if name == self._active:
                 self._active = "\0stale"  # force a fresh copy on next use
             self._resident[name] = weights

@@ -2,8 +2,8 @@
 
 Layout (the Hub repository is this directory)::
 
-    adapter_manifest.json          format version, base model, components, LoRA and training config, metrics,
-                                   SHA-256 of every other file, intended-use notice
+    adapter_manifest.json          format version, base model and the identity of its weights, components, LoRA
+                                   and training config, metrics, SHA-256 of every other file, intended-use notice
     lora/adapter_config.json       PEFT format, loadable with plain peft on the base LLM
     lora/adapter_model.safetensors
     vision_encoder.safetensors     trained non-LoRA parts (present when they were trained)
@@ -11,13 +11,15 @@ Layout (the Hub repository is this directory)::
     modality_head.safetensors
     README.md                      model card
 
-Loading verifies every hash and that the bundle was made for this base model before any weight is touched.
+Loading verifies every hash, that the bundle was made for this base model (architecture) and trained on these base
+weights (:mod:`prsmed.base_weights`), before any weight is touched.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -27,28 +29,72 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import prsmed
+from prsmed.base_weights import WeightsIdentity, identify, weight_paths
 from prsmed.fileio import fsync_tree, replace_dir, sha256_file
 from prsmed.model.spec import LoraSpec, ModelSpec
 from prsmed.weights import CheckpointError, check_fits, read_state_dict, write_state_dict
 
-FORMAT_VERSION = 1
+# 2: the manifest records the base weights' identity (base.weights). Version 1 bundles are read, and refused as
+# trained on unknown base weights unless the caller allows other base weights.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "adapter_manifest.json"
 INTENDED_USE = (
     "Research use only. Not a medical device and not for diagnosis or treatment decisions. Outputs (masks and "
     "position descriptions) can be wrong and must be reviewed by a qualified clinician."
 )
 PARTS = ("vision_encoder", "fusion_head", "modality_head")
+OVERRIDE_HINT = "--allow-other-base-weights (in Python: allow_other_base_weights=True)"
+
+log = logging.getLogger(__name__)
 
 
 class BundleError(ValueError):
     """A bundle is unreadable, tampered with, or made for another base model."""
 
 
+class BaseWeightsMismatch(BundleError):
+    """A bundle was trained on other base weights than the model's, or does not say which."""
+
+
 class BaseModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     revision: str
-    fingerprint: str
+    fingerprint: str  # the architecture: components and their options
+    # The weights the adapter was trained on; None in bundles written before prsmed recorded it (format 1).
+    weights: WeightsIdentity | None = None
+
+
+def model_base_weights(model) -> WeightsIdentity:
+    """The identity of ``model``'s base weights: what build_model recorded, else derived from its spec."""
+    found = getattr(model, "base_weights", None)
+    if found is None:
+        found = identify(weight_paths(model.spec))
+        model.base_weights = found
+    return found
+
+
+def check_base_weights(recorded: WeightsIdentity | None, local: WeightsIdentity | None, *, what: str, base: str,
+                       allow: bool = False) -> None:
+    """Refuse an adapter trained on other base weights than ``local`` (None: not on this machine, so only a missing
+    record can be told), naming both; with ``allow``, log the same and go on."""
+    if recorded is not None and (local is None or recorded.identity == local.identity):
+        return
+    if recorded is None:
+        than = f"than this model's, {local.label()}" if local is not None else "than this prsmed's"
+        problem = (f"{what} predates base-weights records: its manifest does not say which {base!r} weights it was "
+                   f"trained on, and adapters written before the record were all trained on older weights {than}")
+    else:
+        problem = f"{what} was trained on {base!r} base weights {recorded.label()} but this model's are {local.label()}"
+    if allow:
+        log.warning("%s; loading it anyway as asked: its masks and answers may be wrong", problem)
+        return
+    raise BaseWeightsMismatch(
+        f"{problem}. An adapter predicts correctly only on the base weights it was trained on: retrain it on these "
+        f"(prsmed train --model {base} ...), or use it with the weights it was trained on; to load it anyway, "
+        f"pass {OVERRIDE_HINT}"
+    )
 
 
 class AdapterManifest(BaseModel):
@@ -67,8 +113,22 @@ class AdapterManifest(BaseModel):
     intended_use: str = INTENDED_USE
 
 
+def _validation_section(report: Any) -> str:
+    """The training run's before / best / last validation and its verdict, when the run recorded them."""
+    if not isinstance(report, dict) or "verdict" not in report:
+        return ""
+    from prsmed.train.report import format_markdown
+
+    return f"\n## Validation\n{format_markdown(report)}\n"
+
+
 def _model_card(manifest: AdapterManifest) -> str:
-    metrics = "\n".join(f"| {k} | {v} |" for k, v in sorted(manifest.metrics.items())) or "| (none recorded) | |"
+    weights = manifest.base.weights
+    weights_line = (f"revision {weights.revision or '(none recorded)'}, identity `{weights.identity}` "
+                    f"({weights.method})" if weights is not None else "(not recorded)")
+    scalars = sorted((k, v) for k, v in manifest.metrics.items() if k != "report")
+    metrics = "\n".join(f"| {k} | {v} |" for k, v in scalars) or "| (none recorded) | |"
+    validation = _validation_section(manifest.metrics.get("report"))
     training = json.dumps(manifest.training, indent=2, sort_keys=True) if manifest.training else "{}"
     return f"""---
 library_name: peft
@@ -82,6 +142,10 @@ license: apache-2.0
 Position-reasoning segmentation: given a medical image and a question, the model answers where the lesion is and
 returns its mask. This bundle holds a LoRA adapter for the LLM and the trained vision encoder / fusion head.
 
+## Base weights
+Trained on `{manifest.base.name}` base weights {weights_line}. `prsmed` loads this adapter only onto those weights
+(it refuses others unless told `--allow-other-base-weights`): on other base weights it would load and predict wrongly.
+
 ## Intended use
 {manifest.intended_use}
 
@@ -89,7 +153,7 @@ returns its mask. This bundle holds a LoRA adapter for the LLM and the trained v
 | metric | value |
 |---|---|
 {metrics}
-
+{validation}
 ## Training configuration
 ```json
 {training}
@@ -144,7 +208,8 @@ def save_bundle(
             parts.append(part)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = AdapterManifest(
-            base=BaseModelRef(name=spec.name, revision=spec.revision, fingerprint=spec.fingerprint()),
+            base=BaseModelRef(name=spec.name, revision=spec.revision, fingerprint=spec.fingerprint(),
+                              weights=model_base_weights(model)),
             spec=spec.model_dump(mode="json"),
             lora=spec.lora if spec.train.lora else None,
             parts=parts,
@@ -174,8 +239,9 @@ def read_manifest(bundle_dir: str | Path) -> AdapterManifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path} is not valid JSON ({e}); the bundle may be half-written") from e
     version = raw.get("format_version") if isinstance(raw, dict) else None
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: format_version {version!r} is not supported (this prsmed reads {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(f"{path}: format_version {version!r} is not supported (this prsmed reads "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade prsmed to read it")
     try:
         return AdapterManifest.model_validate(raw)
     except ValidationError as e:
@@ -230,8 +296,10 @@ class BundleWeights:
         return cls(None, None, parts, lora)
 
 
-def read_bundle(bundle_dir: str | Path, model) -> BundleWeights:
-    """Verify ``bundle_dir``, check it was made for ``model`` and that every tensor fits; touches no weight."""
+def read_bundle(bundle_dir: str | Path, model, *, allow_other_base_weights: bool = False) -> BundleWeights:
+    """Verify ``bundle_dir``, check it was made for ``model`` (architecture and base weights) and that every tensor
+    fits; touches no weight. ``allow_other_base_weights`` loads a bundle trained on other base weights, or written
+    before they were recorded, with a warning instead of :class:`BaseWeightsMismatch`."""
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir)
     spec: ModelSpec = model.spec
@@ -241,6 +309,8 @@ def read_bundle(bundle_dir: str | Path, model) -> BundleWeights:
             f"fingerprint {manifest.base.fingerprint}) but this model is {spec.name!r} (revision {spec.revision}, "
             f"fingerprint {spec.fingerprint()}); load it on the model it was made for"
         )
+    check_base_weights(manifest.base.weights, model_base_weights(model), what=f"bundle {bundle_dir}",
+                       base=manifest.base.name, allow=allow_other_base_weights)
     if manifest.lora is not None:
         if model.peft_model is None:
             raise BundleError(f"bundle {bundle_dir} carries a LoRA adapter but this model was built without LoRA")
@@ -274,9 +344,10 @@ def apply_bundle(weights: BundleWeights, model) -> None:
         set_peft_model_state_dict(model.peft_model, weights.lora)
 
 
-def load_bundle(bundle_dir: str | Path, model) -> AdapterManifest:
-    """Verify ``bundle_dir`` and load it into ``model``; nothing is loaded if any check fails."""
-    weights = read_bundle(bundle_dir, model)
+def load_bundle(bundle_dir: str | Path, model, *, allow_other_base_weights: bool = False) -> AdapterManifest:
+    """Verify ``bundle_dir`` and load it into ``model``; nothing is loaded if any check fails (see
+    :func:`read_bundle` for ``allow_other_base_weights``)."""
+    weights = read_bundle(bundle_dir, model, allow_other_base_weights=allow_other_base_weights)
     apply_bundle(weights, model)
     return weights.manifest
 

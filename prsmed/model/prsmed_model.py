@@ -52,6 +52,10 @@ class PRSMedModel(nn.Module):
         super().__init__()
         reg = registry or get_registry()
         self.spec = spec
+        # The identity of the base weights loaded (prsmed.base_weights.WeightsIdentity), which adapter bundles
+        # record and check. prsmed.zoo.build_model sets it, knowing every file it loaded; left None, bundles derive
+        # it from the spec's weight options.
+        self.base_weights = None
         refs = {"vision_encoder": spec.vision_encoder, "llm": spec.llm, "fusion_head": spec.fusion_head}
         # Check the combination from contracts alone, before any module is built or any weight is read.
         contracts = {kind: reg.contract(kind, ref.name, **_split_options(ref.options)[0]) for kind, ref in refs.items()}

@@ -7,13 +7,15 @@ from typing import Any
 
 import torch
 
+from prsmed.base_weights import WeightsIdentity, check_record, identify, read_record, weight_paths
 from prsmed.components import ComponentError
 from prsmed.model.prsmed_model import PRSMedModel
 from prsmed.model.spec import ModelSpec
 from prsmed.weights import load_strict, read_state_dict
 from prsmed.zoo.presets import ASSETS, PRESETS, Preset, list_presets, weights_home
 
-__all__ = ["PRESETS", "Preset", "WeightsMissing", "build_model", "describe", "get_preset", "list_presets", "resolve_spec"]
+__all__ = ["PRESETS", "Preset", "WeightsMissing", "base_weights", "build_model", "describe", "get_preset",
+           "list_presets", "resolve_spec"]
 
 
 class WeightsMissing(FileNotFoundError):
@@ -61,10 +63,29 @@ def build_model(name_or_spec: str | ModelSpec, *, weights: bool = True, device: 
     with torch.device(device):
         model = PRSMedModel(spec)
     # The modality head is no registry component, so its shipped weights are loaded here.
-    head = ASSETS / spec.name / "modality_head.safetensors"
-    if weights and isinstance(name_or_spec, str) and model.modality_head is not None and head.exists():
+    head = _modality_head_file(spec.name, model) if weights and isinstance(name_or_spec, str) else None
+    if head is not None:
         load_strict(model.modality_head, read_state_dict(head), source=str(head))
+    # The options name every file the components loaded (none for a model built without weights).
+    model.base_weights = identify(weight_paths(spec) + ([str(head)] if head else []))
     return model
+
+
+def _modality_head_file(name: str, model=None):
+    head = ASSETS / name / "modality_head.safetensors"
+    wanted = model.modality_head is not None if model is not None else PRESETS[name].spec.modality_classes > 0
+    return head if wanted and head.exists() else None
+
+
+def base_weights(name: str) -> WeightsIdentity | None:
+    """The identity of the weights ``build_model(name)`` would load, without building it; None when they are not
+    on this machine (the 7B presets' external files)."""
+    try:
+        spec = resolve_spec(name)
+    except WeightsMissing:
+        return None
+    head = _modality_head_file(name)
+    return identify(weight_paths(spec) + ([str(head)] if head else []))
 
 
 def describe(name: str) -> dict[str, Any]:
@@ -86,4 +107,20 @@ def describe(name: str) -> dict[str, Any]:
             for w in preset.weights
         ],
         "shipped_weights": sorted(p.name for p in (ASSETS / name).glob("*.safetensors")) if (ASSETS / name).is_dir() else [],
+        "weights_record": _weights_record(name),
     }
+
+
+def _weights_record(name: str) -> dict[str, Any] | None:
+    """The shipped weights' record (revision, identity, what they were trained on) and whether the files match it;
+    None for presets whose weights are external."""
+    folder = ASSETS / name
+    if not folder.is_dir():
+        return None
+    try:
+        record = read_record(folder)
+    except ValueError as e:
+        return {"path": str(folder / "weights.json"), "problems": [str(e)]}
+    if record is None:
+        return {"path": str(folder / "weights.json"), "problems": check_record(folder)}
+    return {"path": str(folder / "weights.json"), **record.model_dump(mode="json"), "problems": check_record(folder)}

@@ -11,9 +11,21 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prsmed.base_weights import read_record
 from prsmed.model.spec import ComponentRef, LoraSpec, ModelSpec
 
 ASSETS = Path(__file__).parent / "assets"
+
+
+def shipped_revision(name: str) -> str:
+    """The revision of a preset's shipped weights, from the weights.json the recipe writes beside them: the preset
+    takes its revision from there, so the two cannot disagree when the weights are rebuilt."""
+    try:
+        record = read_record(ASSETS / name)
+    except ValueError:
+        record = None
+    # A broken install must not stop the zoo from importing; `prsmed zoo show` and loading adapters say what is wrong.
+    return record.revision if record is not None else "unrecorded"
 
 
 def weights_home() -> Path:
@@ -59,7 +71,7 @@ TINY_PROMPT = "### User: {question} \n<image>\n### Assistant: \n"
 
 _TINY = ModelSpec(
     name="prsmed-tiny",
-    revision="4",
+    revision=shipped_revision("prsmed-tiny"),
     prompt_template=TINY_PROMPT,
     vision_encoder=ComponentRef(
         name="tinysam",
