@@ -8,6 +8,7 @@ an inference prefill over the prompt produces, and that same prefill's KV cache 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -117,7 +118,14 @@ class PRSMedModel(nn.Module):
         # PEFT swaps the target layers inside the transformers model in place, so the LLM component keeps calling
         # its own model object unchanged. The PeftModel wrapper is kept only to save and load the adapter in PEFT
         # format; it is stored outside the module tree so its parameters are not registered twice.
-        self.__dict__["peft_model"] = get_peft_model(getattr(self.llm, self._hf_attr()), self.lora_config())
+        with warnings.catch_warnings():
+            # PeftModel.__init__ (peft 0.21.2, the newest release) reads `is_gradient_checkpointing`, which
+            # transformers 5 deprecated in favour of `is_activation_checkpointing` and warns about on every read, so
+            # every model build, and so every `prsmed predict`, printed that FutureWarning. The read is PEFT's, not
+            # ours: only that message is ignored, and only around this call. Drop this once PEFT reads the new name.
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            self.__dict__["peft_model"] = get_peft_model(getattr(self.llm, self._hf_attr()), self.lora_config())
 
     # what trains -----------------------------------------------------------------------------------------------
     def set_trainable(self) -> None:
