@@ -5,6 +5,7 @@ Mount with ``app.command("train")(train)``; ``python -m prsmed.train`` runs it a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -49,9 +50,14 @@ def train(
                                        help="Share of train images held out when the data has no val split."),
     val_max_samples: Optional[int] = typer.Option(None, "--val-max-samples", help="Validate on at most N rows."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Also validate every N steps."),
-    early_stop_patience: Optional[int] = typer.Option(None, "--early-stop-patience",
-                                                      help="Stop after N evaluations without a better val Dice."),
-    early_stop_min_delta: float = typer.Option(0.0, "--early-stop-min-delta", help="Smallest Dice gain that counts."),
+    early_stop_patience: Optional[int] = typer.Option(
+        None, "--early-stop-patience", help="Stop after N evaluations without a better validation score."),
+    early_stop_min_delta: float = typer.Option(0.0, "--early-stop-min-delta",
+                                               help="Smallest gain of the validation score that counts."),
+    val_answer_rows: int = typer.Option(32, "--val-answer-rows",
+                                        help="Validation rows whose generated answers are scored (0: masks only)."),
+    val_max_new_tokens: int = typer.Option(48, "--val-max-new-tokens",
+                                           help="Length limit of a generated validation answer, in tokens."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (and each epoch)."),
     keep_last: int = typer.Option(3, "--keep-last", help="Checkpoints kept (the best one is kept too)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest good checkpoint in --out."),
@@ -85,4 +91,8 @@ def train(
     result = run_training(config)
     if result.status == "failed":
         typer.echo(f"error: {result.reason}", err=True)
+    elif result.report and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one table, not one per process
+        from prsmed.train.report import format_report
+
+        typer.echo(format_report(result.report))
     raise typer.Exit(result.exit_code)

@@ -15,7 +15,7 @@ RESUMABLE_OVERRIDES = frozenset(
     {
         "out", "data", "resume", "save_every", "keep_last", "max_hours", "max_cost", "gpu", "usd_per_hour",
         "on_finish", "stop_after", "progress", "tensorboard", "log_every", "num_workers", "device",
-        "early_stop_patience", "adapter_weights", "grad_checkpointing",
+        "early_stop_patience", "adapter_weights", "grad_checkpointing", "val_answer_rows", "val_max_new_tokens",
     }
 )
 
@@ -63,6 +63,11 @@ class TrainConfig(BaseModel):
     eval_every: int | None = Field(None, gt=0, description="also evaluate every N steps (always at epoch ends)")
     early_stop_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
     early_stop_min_delta: float = Field(0.0, ge=0)
+    # Generating answers draws no random numbers and changes no weight, so these two may change on resume.
+    val_answer_rows: int = Field(32, ge=0, description="validation rows whose generated answers are scored at each "
+                                 "evaluation (0: masks only)")
+    val_max_new_tokens: int = Field(48, gt=0, le=4096,
+                                    description="length limit of a generated validation answer, in tokens")
 
     # checkpoints
     save_every: int | None = Field(None, gt=0, description="steps between checkpoints (and always at epoch ends)")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prsmed.train.answer_eval import AnswersUnavailable, AnswerTally, dice_at_05, score_answers
 from prsmed.train.checkpoint import (
     Checkpoint,
     CheckpointManager,
@@ -47,6 +48,7 @@ from prsmed.train.data import (
     split_records,
 )
 from prsmed.train.losses import LossWeights, soft_dice, total_loss
+from prsmed.train.report import build_report, combined_score, eval_line
 from prsmed.weights import CheckpointError
 
 log = logging.getLogger("prsmed.train")
@@ -82,6 +84,9 @@ class RunResult:
     checkpoint: Path | None = None
     adapter: Path | None = None
     bad_rows: int = 0
+    # Validation before training, at the best checkpoint and at the last evaluation, with a verdict
+    # (prsmed.train.report); empty when the run failed before it could say anything.
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 # --- processes --------------------------------------------------------------------------------------------------
@@ -327,8 +332,11 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
-        self.best_metric: float | None = None
+        self.best_metric: float | None = None  # the best validation score (prsmed.train.report)
         self.best_step: int | None = None
+        self.before_eval: dict[str, Any] = {}  # validation of the weights the run started from
+        self.best_eval: dict[str, Any] = {}
+        self.answers_unavailable: str | None = None  # why answers cannot be generated, once found out
         self.evals_without_improvement = 0
         self.bad_rows: dict[int, str] = {}
         self.steps_this_session = 0
@@ -418,6 +426,8 @@ class Trainer:
     def fit(self) -> RunResult:
         """Set up (or resume), train to the end or until stopped, and write the final artefacts."""
         self.setup()
+        if self.step == 0:
+            self.evaluate_before()
         status = self.train_loop()
         return self.finish(status)
 
@@ -463,8 +473,8 @@ class Trainer:
             saved = True
         if (cfg.early_stop_patience and len(self.val_set)
                 and self.evals_without_improvement >= cfg.early_stop_patience):
-            self._stop_detail = (f"validation Dice did not improve for {self.evals_without_improvement} evaluations "
-                                 f"(best {self.best_metric:.4f} at step {self.best_step})")
+            self._stop_detail = (f"validation score did not improve for {self.evals_without_improvement} "
+                                 f"evaluations (best {self.best_metric:.4f} at step {self.best_step})")
             if not saved:
                 self.save()
             return "early_stopped"
@@ -582,11 +592,14 @@ class Trainer:
     # evaluation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean soft Dice (and LM loss) on the validation rows, split across processes."""
+        """Validation scores: soft Dice, dice@0.5 and LM loss on every validation row, greedy answers on the first
+        ``val_answer_rows`` (prsmed.train.answer_eval), and the ``score`` combining them (prsmed.train.report). Rows
+        are split across processes and the sums reduced, so the numbers do not depend on the number of processes."""
         if not len(self.val_set):
             return {}
         self.model.eval()
-        sums = torch.zeros(5, dtype=torch.float64)  # dice sum, rows, lm-loss sum, lm rows, bad rows
+        # soft-Dice sum, rows, LM-loss sum, LM rows, bad rows, dice@0.5 sum
+        sums = torch.zeros(6, dtype=torch.float64)
         mine = list(range(self.dist.rank, len(self.val_set), self.dist.world_size))
         bs = self.config.batch_size
         for start in range(0, len(mine), bs):
@@ -596,38 +609,88 @@ class Trainer:
                 continue
             out, logits = self._run_model(batch)
             sums[0] += float(soft_dice(logits, batch.masks.to(self.device)).sum())
+            sums[5] += float(dice_at_05(logits, batch.masks).sum())
             sums[1] += len(batch)
             if out.lm_loss is not None:
                 sums[2] += float(out.lm_loss) * len(batch)
                 sums[3] += len(batch)
+        answers = self._score_answers()
         self.model.train()
         sums = self.dist.all_reduce(sums.to(self._collective_device())).cpu()
-        result: dict[str, Any] = {"val_rows": int(sums[1]), "val_bad_rows": int(sums[4])}
+        result: dict[str, Any] = {"rows": int(sums[1]), "bad_rows": int(sums[4])}
         if sums[1] > 0:
-            result["val_dice"] = float(sums[0] / sums[1])
+            result["soft_dice"] = float(sums[0] / sums[1])
+            result["dice_at_05"] = float(sums[5] / sums[1])
         if sums[3] > 0:
-            result["val_loss_lm"] = float(sums[2] / sums[3])
+            result["loss_lm"] = float(sums[2] / sums[3])
+        result.update(answers.metrics())
+        result["score"] = combined_score(result)
         return result
 
+    def _score_answers(self) -> AnswerTally:
+        """Every process answers its share of the first ``val_answer_rows`` validation rows; the counts are summed
+        and the examples gathered, in one all-reduce and one gather whatever happened, so no process waits alone."""
+        cfg = self.config
+        n = 0 if self.answers_unavailable else min(cfg.val_answer_rows, len(self.val_set))
+        mine = list(range(self.dist.rank, n, self.dist.world_size))
+        tally, failed = AnswerTally(), None
+        for start in range(0, len(mine), cfg.batch_size):
+            batch = collate([self.val_set[i] for i in mine[start:start + cfg.batch_size]])
+            if not len(batch):
+                continue
+            try:
+                tally.add(score_answers(self.model, batch.images, batch.questions, batch.masks, batch.indices,
+                                        max_new_tokens=cfg.val_max_new_tokens, autocast=self._autocast))
+            except AnswersUnavailable as e:
+                tally, failed = AnswerTally(), str(e)
+                break
+        counts = self.dist.all_reduce(tally.to_tensor().to(self._collective_device())).cpu()
+        shared = self.dist.gather_objects((tally.examples, failed))
+        failed = next((f for _, f in shared if f), None)
+        if failed:
+            if not self.answers_unavailable and self.dist.main:
+                log.warning("validation answers are not scored: %s; the score is dice@0.5 alone", failed)
+            self.answers_unavailable = failed
+            return AnswerTally()
+        return AnswerTally.from_tensor(counts, [e for examples, _ in shared for e in examples])
+
+    def evaluate_before(self) -> None:
+        """Score the weights the run starts from, so that its end can say whether training helped."""
+        self._sync_buffers()
+        scores = self.evaluate()
+        if scores.get("score") is None:
+            return
+        self.before_eval = {"step": 0, "epoch": 0, "epoch_progress": 0.0, **scores}
+        self.runlog.write({"kind": "eval", "step": 0, "epoch": 0, "epoch_progress": 0.0, "before_training": True,
+                           **eval_line(scores), "val_bad_rows": scores["bad_rows"]})
+        if self.dist.main:
+            log.info("before training: %s", _describe(scores))
+
     def evaluate_and_track(self) -> bool:
-        """Evaluate, log, and update early stopping; True when the validation Dice improved."""
+        """Evaluate, log, and update early stopping; True when the validation score improved (the best checkpoint
+        and early stopping follow the score, which counts the answers as well as the masks)."""
         self._sync_buffers()
         result = self.evaluate()
         self.last_eval_step = self.step
-        if "val_dice" not in result:
+        if result.get("score") is None:
             return False
         self.last_eval = {"step": self.step, "epoch": self._step_epoch(),
                           "epoch_progress": round(self._epoch_progress(), 6), **result}
-        dice = result["val_dice"]
-        improved = self.best_metric is None or dice > self.best_metric + self.config.early_stop_min_delta
+        score = result["score"]
+        improved = self.best_metric is None or score > self.best_metric + self.config.early_stop_min_delta
         if improved:
-            self.best_metric, self.best_step = dice, self.step
+            self.best_metric, self.best_step = score, self.step
+            self.best_eval = dict(self.last_eval)
             self.evals_without_improvement = 0
         else:
             self.evals_without_improvement += 1
-        self.runlog.write({"kind": "eval", **self.last_eval, "best_val_dice": self.best_metric})
+        self.runlog.write({"kind": "eval", "step": self.step, "epoch": self.last_eval["epoch"],
+                           "epoch_progress": self.last_eval["epoch_progress"], **eval_line(result),
+                           "val_bad_rows": result["bad_rows"], "best_val_score": self.best_metric,
+                           "best_step": self.best_step})
         if self.dist.main:
-            log.info("step %d: val Dice %.4f (best %.4f at step %d)", self.step, dice, self.best_metric, self.best_step)
+            log.info("step %d: %s (best score %.4f at step %d)", self.step, _describe(result), self.best_metric,
+                     self.best_step)
         return improved
 
     def _sync_buffers(self) -> None:
@@ -694,7 +757,10 @@ class Trainer:
             "model": {"name": self.model.spec.name, "fingerprint": self.model.spec.fingerprint()},
             "data_manifest_sha256": self.data_sha256,
             "best_metric": self.best_metric,
+            "best_metric_name": "score",
             "best_step": self.best_step,
+            "best_eval": self.best_eval,
+            "before_eval": self.before_eval,
             "evals_without_improvement": self.evals_without_improvement,
             "last_eval": self.last_eval,
             "elapsed_s": self.elapsed(),
@@ -771,7 +837,17 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
         self.best_metric, self.best_step = st.get("best_metric"), st.get("best_step")
         self.evals_without_improvement = st.get("evals_without_improvement", 0)
+        self.best_eval = st.get("best_eval") or {}
+        self.before_eval = st.get("before_eval") or {}
         self.last_eval = st.get("last_eval") or {}
+        if st.get("best_metric_name") != "score":
+            # Written when the best checkpoint was chosen by Dice alone: its best is not comparable with a score.
+            if self.dist.main and self.best_metric is not None:
+                log.warning("%s chose its best checkpoint by validation Dice alone; the best is chosen again by the "
+                            "score from the next evaluation on", chosen)
+            self.best_metric, self.best_step, self.evals_without_improvement = None, None, 0
+            self.manager.best = None
+            self.last_eval = {}
         self.last_eval_step = self.last_eval.get("step", -1)
         self.elapsed_before = float(st.get("elapsed_s", 0.0))
         self.bad_rows = {int(k): v for k, v in st.get("bad_rows", {}).items()}
@@ -855,12 +931,14 @@ class Trainer:
         self._merge_bad_rows()
         latest = self.manager.checkpoints()[-1] if self.dist.main and self.manager.checkpoints() else None
         adapter = None
+        report = self.report()
         metrics = self._final_metrics()
         if not resumable:
-            adapter = self.write_adapter(status, metrics)
+            adapter = self.write_adapter(status, {**metrics, "report": report})
         reason = self._stop_detail or {"completed": f"trained {self.step} steps"}.get(status, status)
         result = RunResult(status=status, exit_code=EXIT_CODES[status], reason=reason, step=self.step,
-                           metrics=metrics, checkpoint=latest, adapter=adapter, bad_rows=len(self.bad_rows))
+                           metrics=metrics, checkpoint=latest, adapter=adapter, bad_rows=len(self.bad_rows),
+                           report=report)
         self.write_summary(result)
         self.close()
         return result
@@ -871,12 +949,26 @@ class Trainer:
         for k in ("loss", "loss_seg", "loss_lm", "loss_cls"):
             if k in self.last_train:
                 metrics[f"train_{k}"] = round(self.last_train[k], 6)
-        if self.last_eval.get("val_dice") is not None:
-            metrics["val_dice"] = round(self.last_eval["val_dice"], 6)
+        if self.last_eval.get("soft_dice") is not None:
+            metrics["val_dice"] = round(self.last_eval["soft_dice"], 6)
+            metrics["val_score"] = round(self.last_eval["score"], 6)
         if self.best_metric is not None:
-            metrics["best_val_dice"] = round(self.best_metric, 6)
+            metrics["best_val_score"] = round(self.best_metric, 6)
             metrics["best_step"] = self.best_step
+            if self.best_eval.get("soft_dice") is not None:
+                metrics["best_val_dice"] = round(self.best_eval["soft_dice"], 6)
         return metrics
+
+    def _adapter_uses_best(self) -> bool:
+        return bool(self.config.adapter_weights == "best" and self.manager.best and self.best_step is not None)
+
+    def report(self) -> dict[str, Any]:
+        """Before / best / last and the verdict (prsmed.train.report)."""
+        return build_report(validation=self.split.how, rows=len(self.val_set), before=self.before_eval or None,
+                            best=self.best_eval or None, last=self.last_eval or None,
+                            kept="best" if self._adapter_uses_best() else "last", final_step=self.step,
+                            max_new_tokens=self.config.val_max_new_tokens,
+                            answers_unavailable=self.answers_unavailable)
 
     def write_adapter(self, status: str, metrics: dict[str, Any]) -> Path | None:
         """``RUN/adapter/``: the best validated weights when there was validation, else the last ones."""
@@ -889,14 +981,15 @@ class Trainer:
                         "RUN/adapter written: the trained weights are in the checkpoints' trained.safetensors")
             return None
 
-        use_best = self.config.adapter_weights == "best" and self.manager.best and self.best_step is not None
+        use_best = self._adapter_uses_best()
         if use_best and self.best_step != self.step:
             best = self.manager.load(self.manager.root / self.manager.best)
             own = self._trained_tensors()
             with torch.no_grad():
                 for k, t in own.items():
                     t.copy_(best.trained[k].to(t.dtype))
-            log.info("adapter: using the best checkpoint (%s, val Dice %.4f)", self.manager.best, self.best_metric)
+            log.info("adapter: using the best checkpoint (%s, validation score %.4f)", self.manager.best,
+                     self.best_metric)
         training = {
             **self.config.model_dump(mode="json"),
             "status": status,
@@ -927,6 +1020,7 @@ class Trainer:
             "adapter": str(result.adapter) if result.adapter else None,
             "bad_rows": {"count": len(self.bad_rows), "first": {str(k): v for k, v in first_bad.items()}},
             "validation": self.split.how,
+            "report": result.report,
             "world_size": self.dist.world_size,
             "precision": self.precision,
         }
@@ -937,9 +1031,27 @@ class Trainer:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         bad = f"; {len(self.bad_rows)} bad rows skipped" if self.bad_rows else ""
         log.info("run %s at step %d/%d: %s%s", result.status, self.step, self.total_steps, result.reason, bad)
+        if result.report:
+            log.info("validation: %s", result.report["verdict"])
+            for warning in result.report["warnings"]:
+                log.warning("%s", warning)
 
     def close(self) -> None:
         self.runlog.close()
+
+
+def _describe(scores: dict[str, Any]) -> str:
+    """One log line's worth of an evaluation."""
+    parts = [f"val score {scores['score']:.4f}", f"dice@0.5 {scores['dice_at_05']:.4f}",
+             f"soft Dice {scores['soft_dice']:.4f}"]
+    for key in ("zone_acc_text", "agreement"):
+        if scores.get(key) is not None:
+            parts.append(f"{key} {scores[key]:.3f}")
+    if scores.get("hit_length_limit"):
+        parts.append(f"{scores['hit_length_limit']:.0%} of answers at the length limit")
+    if scores.get("repeated_words"):
+        parts.append(f"{scores['repeated_words']:.0%} repeating a word")
+    return ", ".join(parts)
 
 
 def _step_of(line: str) -> int:

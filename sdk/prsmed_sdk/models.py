@@ -81,11 +81,47 @@ class JobRequest(_Model):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     dataset: str = Field(description="a dataset id from POST /v1/datasets")
     base: str = Field("prsmed-tiny", description="zoo model to fine-tune")
-    epochs: int = Field(3, gt=0, le=1000)
+    # None: the base model's fine-tuning default (`prsmed zoo show BASE`; the paper's recipe for the 7B model).
+    epochs: int | None = Field(None, gt=0, le=1000)
     batch_size: int = Field(8, gt=0, le=1024)
-    lr: float = Field(1e-4, gt=0, le=1.0)
+    lr: float | None = Field(None, gt=0, le=1.0)
     name: str | None = Field(None, description="the adapter's name once finished (default: the job id)")
     options: dict[str, Any] = Field(default_factory=dict, description="more `prsmed train` options, e.g. max_steps")
+
+
+class ValidationScores(_Model):
+    """One evaluation of a fine-tuning run on its validation rows. Fractions are of the rows scored; None when
+    nothing could be counted (no answer generated, say)."""
+
+    step: int | None = Field(None, description="the optimizer step evaluated; 0 is before training")
+    score: float | None = Field(None, description="what picks the best checkpoint: see TrainingReport.score_definition")
+    dice_at_05: float | None = Field(None, description="Dice of the mask binarised at 0.5 (prsmed eval's dice@0.5)")
+    soft_dice: float | None = Field(None, description="Dice of the mask probabilities")
+    zone_acc_text: float | None = Field(None, description="answers naming the ground-truth mask's zones")
+    agreement: float | None = Field(None, description="answers naming the predicted mask's zones")
+    hit_length_limit: float | None = Field(None, description="answers cut at the generation length limit")
+    repeated_words: float | None = Field(None, description="answers with a word repeated back to back")
+    loss_lm: float | None = Field(None, description="LM loss of the reference answers")
+    rows: int = Field(0, description="validation rows whose masks were scored")
+    answer_rows: int = Field(0, description="validation rows whose generated answers were scored")
+    examples: list[str] = Field(default_factory=list, description="the first few generated answers")
+
+
+class TrainingReport(_Model):
+    """How a fine-tuning run did on its validation rows: before training, at its best checkpoint and at its last
+    evaluation, which of those weights the adapter holds, and a verdict in plain words."""
+
+    validation: str = Field("", description="where the validation rows came from")
+    rows: int = Field(0, description="validation rows; 0 means the run was not judged at all")
+    score_definition: str = ""
+    kept: Literal["best", "last"] = Field("last", description="the weights the adapter holds")
+    before: ValidationScores | None = None
+    best: ValidationScores | None = None
+    last: ValidationScores | None = None
+    answers_worse: bool = Field(False, description="zone_acc_text or agreement of the kept weights fell below before")
+    masks_worse: bool = Field(False, description="dice@0.5 of the kept weights fell below before")
+    verdict: str = ""
+    warnings: list[str] = Field(default_factory=list)
 
 
 class JobInfo(_Model):
@@ -108,6 +144,8 @@ class JobInfo(_Model):
     adapter: str | None = Field(None, description="the finished adapter's name, listed in GET /v1/adapters")
     queue_position: int | None = None
     attempts: int = 0
+    report: TrainingReport | None = Field(None, description="the run's validation before / best / last and its "
+                                          "verdict, set when a worker ends (a resumed attempt clears it)")
 
 
 class JobEvent(_Model):
