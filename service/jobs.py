@@ -35,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from prsmed_sdk.models import FINAL_JOB_STATES, JobEvent, JobInfo, JobRequest
+from pydantic import ValidationError
+
+from prsmed_sdk.models import FINAL_JOB_STATES, JobEvent, JobInfo, JobRequest, TrainingReport
 
 from .auth import TOKEN_ENV
 from .datasets import DatasetNotFound, DatasetStore
@@ -134,7 +136,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     queue_seq INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    pid INTEGER
+    pid INTEGER,
+    report TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, queue_seq);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -146,7 +149,10 @@ CREATE TABLE IF NOT EXISTS transitions (
 );
 CREATE INDEX IF NOT EXISTS transitions_job ON transitions (job, n);
 """
-_JSON_COLUMNS = ("config", "metrics")
+# JSON columns and what an empty one reads as.
+_JSON_COLUMNS = {"config": "{}", "metrics": "{}", "report": "null"}
+# Columns added since the first schema, for tables an older server created.
+_ADDED_COLUMNS = {"report": "TEXT"}
 
 
 class _Db:
@@ -160,7 +166,11 @@ class _Db:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
-            self._conn.execute("PRAGMA user_version=1")
+            present = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in present:
+                    self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            self._conn.execute("PRAGMA user_version=2")
 
     def close(self) -> None:
         with self._lock:
@@ -171,8 +181,8 @@ class _Db:
         if row is None:
             return None
         d = dict(row)
-        for k in _JSON_COLUMNS:
-            d[k] = json.loads(d[k] or "{}")
+        for k, empty in _JSON_COLUMNS.items():
+            d[k] = json.loads(d[k] or empty)
         return d
 
     def one(self, job_id: str) -> dict | None:
@@ -306,7 +316,23 @@ def _step_data(rec: dict, total_steps: int | None) -> dict:
 
 
 def _eval_metrics(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k not in ("kind", "time", "step", "epoch", "epoch_progress")}
+    # Every evaluation says whether it is the one before training, so that flag never outlives its line.
+    out = {k: v for k, v in rec.items() if k not in ("kind", "time", "step", "epoch", "epoch_progress")}
+    out["before_training"] = bool(rec.get("before_training"))
+    return out
+
+
+def _report(summary: dict, job_id: str) -> dict | None:
+    """The run's validation report from its summary.json, in the wire form; None when it has none or it does not
+    follow the contract (logged: the job's outcome does not depend on it)."""
+    raw = summary.get("report")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return TrainingReport.model_validate(raw).model_dump(mode="json")
+    except ValidationError as e:
+        log.warning("job %s: summary.json's report does not follow the TrainingReport contract: %s", job_id, e)
+        return None
 
 
 def _read_json(path: Path) -> dict:
@@ -403,7 +429,7 @@ class JobManager:
             started_at=row["started_at"], finished_at=row["finished_at"], step=row["step"],
             total_steps=row["total_steps"], epoch=row["epoch"], loss=row["loss"], eta_s=row["eta_s"],
             metrics=row["metrics"], error=row["error"], adapter=row["adapter"], queue_position=position,
-            attempts=row["attempts"],
+            attempts=row["attempts"], report=row["report"],
         )
 
     def get(self, job_id: str) -> JobInfo:
@@ -442,7 +468,7 @@ class JobManager:
             self._check_room()
             self._db.insert({
                 "id": job_id, "state": "queued", "base": req.base, "dataset": req.dataset, "adapter_name": name,
-                "config": {"epochs": req.epochs, "batch_size": req.batch_size, "lr": req.lr, **options},
+                "config": options,
                 "created_at": _now(), "queue_seq": self._next_queue_seq(),
             })
         self._wake.set()
@@ -482,7 +508,10 @@ class JobManager:
         except ValidationError as e:
             raise InvalidJob(f"invalid training options: {validation_problems(e)}") from e
         dumped = cfg.model_dump(mode="json")
-        return {k: dumped[k] for k in options}
+        # The base model's fine-tuning defaults are made explicit here, so the job's record shows what it runs
+        # (and the worker's command line, which passes --epochs, gets the model's max_steps with it).
+        resolved = {k: dumped[k] for k in (*REQUEST_FIELDS, "max_steps") if dumped[k] is not None}
+        return {**resolved, **{k: dumped[k] for k in options}}
 
     def _check_name_free(self, name: str) -> None:
         other = self._db.select("adapter_name = ?", (name,))
@@ -696,7 +725,7 @@ class JobManager:
             pass
         self._procs[job_id] = _Worker(proc, run, log_path, MetricsTail(run / "metrics.jsonl", from_end=1 << 20))
         self._db.update(job_id, state="running", started_at=row["started_at"] or _now(), finished_at=None,
-                        attempts=attempt, pid=proc.pid, error=None, cancel_requested=0,
+                        attempts=attempt, pid=proc.pid, error=None, cancel_requested=0, report=None,
                         detail=f"attempt {attempt}" + (" (resuming)" if "--resume" in args else ""))
         log.info("job %s: worker %d started (attempt %d)", job_id, proc.pid, attempt)
 
@@ -738,6 +767,9 @@ class JobManager:
             fields["total_steps"] = int(summary["total_steps"])
         if isinstance(summary.get("metrics"), dict):
             fields["metrics"] = {**row["metrics"], **summary["metrics"]}
+        report = _report(summary, job_id)
+        if report is not None:
+            fields["report"] = report
         stop = w.stop or ("cancel" if row["cancel_requested"] else None)
         status = summary.get("status")
         if rc == EXIT_OK and status in DONE_STATUSES:

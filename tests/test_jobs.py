@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from prsmed_sdk.models import JobInfo, JobRequest
+from prsmed_sdk.models import JobInfo, JobRequest, TrainingReport
 
 from prsmed.data.synth import synthesize
 from prsmed.infer.adapters import AdapterStore
@@ -208,6 +208,48 @@ def test_metrics_tail_skips_partial_lines_and_survives_a_resume_rewrite(tmp_path
     assert [r["step"] for r in big.read()] == [5]
 
 
+def report_of_a_run() -> dict:
+    from prsmed.train.report import build_report
+
+    def scores(step: int, zone: float) -> dict:
+        return {"step": step, "score": (0.8 + 2 * zone) / 3, "dice_at_05": 0.8, "soft_dice": 0.78,
+                "zone_acc_text": zone, "agreement": zone, "hit_length_limit": 0.0, "repeated_words": 0.0,
+                "loss_lm": 1.2, "rows": 2, "answer_rows": 2, "examples": ["top left."]}
+
+    return build_report(validation="2 rows of the dataset's val split", rows=2, before=scores(0, 1.0),
+                        best=scores(2, 0.5), last=scores(2, 0.5), kept="best", final_step=2, max_new_tokens=48)
+
+
+def test_the_runs_report_reaches_the_job_typed_and_survives_an_older_table(tmp_path, store, dataset):
+    import sqlite3
+
+    jm = manager(tmp_path, store)
+    job = jm.submit(request(dataset))
+    assert job.report is None
+    run = tmp_path / "run"
+    run.mkdir()
+    report = report_of_a_run()
+    (run / "summary.json").write_text(json.dumps({"status": "preempted", "step": 2, "report": report}))
+    worker = jobs_mod._Worker(proc=None, run=run, log=run / "worker.log", tail=MetricsTail(run / "metrics.jsonl"))
+    jm._finish(job.id, worker, jobs_mod.EXIT_PREEMPTED)
+    info = jm.get(job.id)
+    assert info.state == "preempted" and isinstance(info.report, TrainingReport)
+    assert info.report.answers_worse and info.report.verdict.startswith("worse than before training")
+    assert info.report.before.zone_acc_text == 1.0 and info.report.best.step == 2
+    assert JobInfo.model_validate_json(info.model_dump_json()).report == info.report  # as the API sends it
+    # A report that breaks the contract is left out; the job's state does not depend on it.
+    (run / "summary.json").write_text(json.dumps({"status": "preempted", "step": 2, "report": {"kept": "neither"}}))
+    jm._finish(job.id, worker, jobs_mod.EXIT_PREEMPTED)
+    assert jm.get(job.id).state == "preempted" and jm.get(job.id).report == info.report
+    jm.close()
+    # A job table written before reports existed gains the column and reads as "no report yet".
+    with sqlite3.connect(tmp_path / "svc" / "jobs.sqlite") as conn:
+        conn.execute("ALTER TABLE jobs DROP COLUMN report")
+    again = manager(tmp_path, store)
+    assert again.get(job.id).report is None and again.get(job.id).state == "preempted"
+    again.close()
+
+
 # --- real workers ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -224,6 +266,12 @@ def test_a_job_trains_publishes_its_adapter_and_replays(tmp_path, store, dataset
     info = JobInfo(**events[-1].data)
     assert (info.state, info.adapter, info.step, info.total_steps, info.attempts) == ("succeeded", "tiny-ft", 3, 3, 1)
     assert info.error is None and info.finished_at and info.started_at and "val_dice" in info.metrics
+    report = info.report  # the run's before / best / last, typed by the SDK's contract
+    assert report.rows == 2 and report.kept == "best" and report.verdict
+    assert (report.before.step, report.best.step, report.last.step) == (0, 3, 3)
+    assert report.before.answer_rows == report.best.answer_rows == 2 and report.best.zone_acc_text is not None
+    before = [e for e in events if e.event == "metrics" and e.data["before_training"]]
+    assert [e.data["step"] for e in before] == [0] and not info.metrics["before_training"]
 
     manifest = verify_bundle(tmp_path / "adapters" / "tiny-ft")
     assert manifest.base.name == "prsmed-tiny"

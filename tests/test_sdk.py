@@ -19,6 +19,7 @@ from prsmed.data.synth import synthesize
 from prsmed_sdk import (AsyncClient, Busy, Client, InvalidInput, JobFailed, NotFound, Retry, ServerError,
                         Unauthorized)
 from prsmed_sdk._common import SseParser, pack_dataset
+from prsmed_sdk.models import TrainingReport
 from serving import free_port, start_server
 from test_service import png_bytes
 
@@ -167,7 +168,18 @@ def test_finetune_from_a_local_folder_to_a_usable_adapter(client, tmp_path, caps
     info = job.wait(timeout=600, progress=True)
     assert info.state == "succeeded" and job.adapter == "sdk-adapter"
     progress = capsys.readouterr().err.strip().splitlines()
-    assert progress[-1].startswith(f"{job.id[:12]} succeeded") and "3/3" in progress[-1]
+    final = [line for line in progress if line.startswith(job.id[:12])][-1]
+    assert final.startswith(f"{job.id[:12]} succeeded") and "3/3" in final
+    # How the run did, typed: validation before training, at the best checkpoint and at the end, and a verdict
+    # that wait() also prints after the progress line.
+    report = job.report
+    assert isinstance(report, TrainingReport) and report == client.jobs.get(job.id).info.report
+    assert report.rows > 0 and report.kept == "best" and report.verdict
+    assert (report.before.step, report.best.step, report.last.step) == (0, 3, 3)
+    assert report.best.answer_rows == report.rows and 0 <= report.best.zone_acc_text <= 1
+    assert report.best.score is not None and report.best.dice_at_05 is not None
+    last_line = max(i for i, line in enumerate(progress) if line == final)
+    assert progress[last_line + 1] == f"validation: {report.verdict}"
     assert [a.name for a in client.adapters.list()] == ["sdk-adapter"]
     assert client.adapters.load("sdk-adapter").resident
     answer = client.predict(png_bytes(), "Where is the lesion?", adapter=job.adapter)

@@ -278,6 +278,12 @@ class Watcher:
 
         self.draw(final=True)
         info = job_info_cls.model_validate(self.info)
+        if self.progress and info.report is not None:
+            # The verdict goes with the progress line: a run that made the answers worse must not end silently.
+            self.stream.write(f"validation: {info.report.verdict}\n")
+            for warning in info.report.warnings:
+                self.stream.write(f"warning: {warning}\n")
+            self.stream.flush()
         if info.state in STOPPED_STATES:
             reason = f": {info.error}" if info.error else ""
             raise JobFailed(f"job {info.id} ended {info.state}{reason}; job.resume() continues it from its last "

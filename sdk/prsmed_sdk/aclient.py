@@ -17,7 +17,7 @@ from .answer import Answer
 from .client import dataset_source
 from .errors import PrsMedError
 from .models import (AdapterInfo, DatasetInfo, HubPullRequest, HubPushRequest, HubPushResult, JobEvent, JobInfo,
-                     JobRequest, ModelInfo, PlanReport, PlanRequest, PluginInfo)
+                     JobRequest, ModelInfo, PlanReport, PlanRequest, PluginInfo, TrainingReport)
 
 
 class AsyncClient:
@@ -86,8 +86,9 @@ class AsyncClient:
         except httpx.TransportError:
             return False
 
-    async def finetune(self, dataset: str | os.PathLike, base: str = "prsmed-tiny", epochs: int = 3,
-                       batch_size: int = 8, lr: float = 1e-4, name: str | None = None, **options) -> "AsyncJob":
+    async def finetune(self, dataset: str | os.PathLike, base: str = "prsmed-tiny", epochs: int | None = None,
+                       batch_size: int = 8, lr: float | None = None, name: str | None = None,
+                       **options) -> "AsyncJob":
         source = dataset_source(dataset)
         dataset_id = (await self.datasets.upload(source)).id if isinstance(source, Path) else source
         request = JobRequest(dataset=dataset_id, base=base, epochs=epochs, batch_size=batch_size, lr=lr, name=name,
@@ -112,6 +113,11 @@ class AsyncJob:
     def adapter(self) -> str | None:
         """The finished adapter's name as last seen (``await job.status()`` refreshes it)."""
         return self.info.adapter
+
+    @property
+    def report(self) -> TrainingReport | None:
+        """The run's validation before / best / last and its verdict, as last seen (None until the worker ended)."""
+        return self.info.report
 
     async def status(self) -> JobInfo:
         self.info = JobInfo.model_validate((await self._client._request("GET", f"/v1/jobs/{self.id}")).json())

@@ -16,7 +16,7 @@ from ._common import (DEFAULT_URL, RETRY_STATUSES, Retry, Watcher, check, header
 from .answer import Answer
 from .errors import PrsMedError
 from .models import (AdapterInfo, DatasetInfo, HubPullRequest, HubPushRequest, HubPushResult, JobEvent, JobInfo,
-                     JobRequest, ModelInfo, PlanReport, PlanRequest, PluginInfo)
+                     JobRequest, ModelInfo, PlanReport, PlanRequest, PluginInfo, TrainingReport)
 
 DATASET_ID = re.compile(r"^[0-9a-f]{12}$")
 
@@ -107,10 +107,11 @@ class Client:
 
     # -- fine-tuning -----------------------------------------------------------------------------------------------
 
-    def finetune(self, dataset: str | os.PathLike, base: str = "prsmed-tiny", epochs: int = 3, batch_size: int = 8,
-                 lr: float = 1e-4, name: str | None = None, **options) -> "Job":
+    def finetune(self, dataset: str | os.PathLike, base: str = "prsmed-tiny", epochs: int | None = None,
+                 batch_size: int = 8, lr: float | None = None, name: str | None = None, **options) -> "Job":
         """Start a LoRA fine-tuning job. ``dataset`` is a local folder (authors' layout or with manifest.jsonl), a
-        JSONL manifest, a zip, or the id of a dataset already on the server. ``options`` are more `prsmed train`
+        JSONL manifest, a zip, or the id of a dataset already on the server. ``epochs`` and ``lr`` left as None take
+        the base model's fine-tuning defaults (``prsmed zoo show BASE``). ``options`` are more `prsmed train`
         options (``max_steps=``, ``save_every=``, ...). Returns the :class:`Job` at once; ``job.wait()`` follows it."""
         source = dataset_source(dataset)
         dataset_id = self.datasets.upload(source).id if isinstance(source, Path) else source
@@ -151,6 +152,12 @@ class Job:
         if self.info.adapter is None and self.info.state not in ("succeeded", "failed", "canceled"):
             self.status()
         return self.info.adapter
+
+    @property
+    def report(self) -> TrainingReport | None:
+        """How the run did on its validation rows before training, at its best checkpoint and at its last
+        evaluation, with a verdict; None until the job's worker has ended (as last seen: :meth:`status` refreshes)."""
+        return self.info.report
 
     def status(self) -> JobInfo:
         self.info = JobInfo.model_validate(self._client._request("GET", f"/v1/jobs/{self.id}").json())
