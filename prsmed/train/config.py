@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,12 +20,41 @@ RESUMABLE_OVERRIDES = frozenset(
 )
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# How long a run lasts is defaulted as one: a user who sets either gets no model default for the other.
+DURATION = frozenset({"epochs", "max_steps"})
+
+
+def model_train_defaults(model: object) -> dict[str, Any]:
+    """The fine-tuning settings a zoo model uses where the user gives none (``Preset.finetune``); {} for a model
+    given as a spec file. The paper's model has none: it keeps the paper's recipe, the field defaults below."""
+    from prsmed.zoo.presets import PRESETS
+
+    preset = PRESETS.get(model) if isinstance(model, str) else None
+    return dict(preset.finetune) if preset is not None else {}
 
 
 class TrainConfig(BaseModel):
-    """Everything a training run needs. Defaults are the paper's recipe (PRSMED.md section 3)."""
+    """Everything a training run needs. Defaults are the paper's recipe (PRSMED.md section 3), except where the
+    zoo model has fine-tuning defaults of its own (:func:`model_train_defaults`): a field left out, or given as
+    None, takes the model's default first, then the field's. docs/training.md says which and why."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_model_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        # None means "not given": the field's default applies (for a field that accepts None, None stays).
+        given = {k: v for k, v in data.items()
+                 if v is not None or k not in cls.model_fields or cls.model_fields[k].default is None}
+        duration_given = any(given.get(k) is not None for k in DURATION)
+        for key, value in model_train_defaults(given.get("model")).items():
+            if key in DURATION and duration_given:
+                continue
+            if given.get(key) is None:
+                given[key] = value
+        return given
 
     # what and where
     model: str = Field(description="zoo name (see `prsmed zoo list`) or a path to a ModelSpec JSON file")

@@ -108,7 +108,22 @@ def describe(name: str) -> dict[str, Any]:
         ],
         "shipped_weights": sorted(p.name for p in (ASSETS / name).glob("*.safetensors")) if (ASSETS / name).is_dir() else [],
         "weights_record": _weights_record(name),
+        "finetune_defaults": _finetune_defaults(preset),
     }
+
+
+def _finetune_defaults(preset: Preset) -> dict[str, Any]:
+    """What `prsmed train`, a service job and ``client.finetune`` use for this model when the user sets nothing."""
+    from prsmed.train.config import TrainConfig
+
+    fields = TrainConfig.model_fields
+    chosen = {k: fields[k].default for k in ("epochs", "max_steps", "lr", "batch_size", "lm_weight")}
+    chosen.update(preset.finetune)
+    lora = preset.spec.lora
+    if lora is not None:
+        chosen["lora"] = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
+                          "targets": lora.target_modules or "the LLM's attention projections (q, k, v, o)"}
+    return chosen
 
 
 def _weights_record(name: str) -> dict[str, Any] | None:

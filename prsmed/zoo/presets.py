@@ -10,6 +10,7 @@ import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prsmed.base_weights import read_record
 from prsmed.model.spec import ComponentRef, LoraSpec, ModelSpec
@@ -50,6 +51,8 @@ class Preset:
     description: str
     weights: tuple[WeightFile, ...] = ()
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # TrainConfig values this model fine-tunes with where the user sets none (docs/training.md says why).
+    finetune: dict[str, Any] = field(default_factory=dict)
 
 
 _LLAVA_MED_HOW = (
@@ -68,6 +71,10 @@ _TINYSAM_HOW = (
 # and 0.91 (bench/RESULTS.md). The 7B presets
 # keep LLaVA-Med's image-first format, which their weights were trained on.
 TINY_PROMPT = "### User: {question} \n<image>\n### Assistant: \n"
+
+# Fine-tuning prsmed-tiny (docs/training.md, "Fine-tuning defaults", has the measurements): a fixed number of steps
+# whatever the dataset's size, so that about 100 images get as many updates as 400.
+TINY_FINETUNE: dict[str, Any] = {"epochs": 50, "max_steps": 150, "lr": 5e-4}
 
 _TINY = ModelSpec(
     name="prsmed-tiny",
@@ -129,6 +136,7 @@ PRESETS: dict[str, Preset] = {
             _TINY,
             "The paper's architecture at small widths (TinyViT encoder, tiny LLaVA, PRS-Med head); runs on any CPU.",
             tags=("tiny", "cpu"),
+            finetune=TINY_FINETUNE,
         ),
         Preset(
             "prsmed-llava-med-7b",
