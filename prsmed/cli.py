@@ -115,6 +115,11 @@ def zoo_show(name: str, as_json: bool = typer.Option(False, "--json", help="Prin
                           f"(`prsmed zoo build {info['name']}`) or reinstall prsmed", highlight=False)
     elif info["weights"]:
         console.print("weights identity: sampled from the files above when the model is built (docs/hub.md)")
+    tune = dict(info["finetune_defaults"])
+    lora = tune.pop("lora", None)
+    console.print("fine-tuning defaults: " + ", ".join(f"{k} {v}" for k, v in tune.items() if v is not None)
+                  + (f"; LoRA r{lora['r']}/alpha {lora['alpha']}/dropout {lora['dropout']} on {lora['targets']}"
+                     if lora else ""), highlight=False)
 
 
 @zoo_app.command("build")
@@ -124,7 +129,8 @@ def zoo_build(
     assets: Optional[Path] = typer.Option(
         None, "--assets", help="Where to write the weights (default: the installed package's assets)."
     ),
-    epochs: int = typer.Option(6, "--epochs", min=1, help="Epochs of the joint stage."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
+                                         help="Epochs of the joint stage (default: the recipe's, 7)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
     n_images: int = typer.Option(3000, "--n-images", min=60),
 ) -> None:
@@ -136,7 +142,8 @@ def zoo_build(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if name != "prsmed-tiny":
         _fail(f"only prsmed-tiny has a build recipe; {name!r} uses published weights (see `prsmed zoo show {name}`)")
-    summary = build_tiny(work_dir, RecipeConfig(epochs=epochs, max_steps=max_steps, n_images=n_images),
+    chosen = {"epochs": epochs} if epochs is not None else {}
+    summary = build_tiny(work_dir, RecipeConfig(max_steps=max_steps, n_images=n_images, **chosen),
                          assets_dir=assets)
     console.print_json(json.dumps(summary, default=str))
 

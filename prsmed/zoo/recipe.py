@@ -14,21 +14,22 @@ stages:
    grounding stage from 0.79 to 0.87 zone accuracy on fresh images, lung CT from 0.40 to 0.52. The stage
    runs 2,500 steps: at 600 its zone head was still improving, and 2,500 steps alone took the answers from 0.91 to
    0.96.)
-2. **Grounding stage.** With the tower frozen, only the LLM's text model trains, on the real questions with short
-   answers that are just the zones ("top left and bottom right."). Every supervised token is then a zone word, so
-   the LLM learns to read the zone from the image tokens. The questions are perturbed (:func:`noisy_question`) so
-   the answer comes to depend on the image alone, which carries it to question wordings it never saw. Images with
-   two lesions (about 6% of the data) are drawn eight times as often: at the natural rate the text model named both
-   zones for none of them; drawn four times as often, for 0.50 of them; eight times, 0.72 (with the 2,500-step
-   tower stage, bench/RESULTS.md).
+2. **Grounding stage.** With the tower frozen, only the LLM's text model trains, on the real questions answered
+   in sentences built from each mask: half of the draws in one house wording with the canonical zone words ("The
+   nodule is in the top left.", "The nodule is in the top left, and another nodule is in the bottom right.", "No
+   nodule is visible in this image."), half in the synthetic data's varied wording (twenty frames, synonyms
+   such as "upper left" or "left upper", "near the centre"), drawn afresh at every draw. The greedy answer is then
+   the house sentence, a whole sentence that ends cleanly; the varied ones give the text model the words a user's
+   dataset may use, so that fine-tuning only has to prefer them. (Revisions 1-5 answered with the zones alone,
+   "top left.": their text model knew no other words, and fine-tuning on sentences broke it.) The questions are
+   perturbed (:func:`noisy_question`) so the answer comes to depend on the image alone, which carries it to
+   question wordings it never saw. 6% of the images show no lesion, so the model learns to say so. Lung CT
+   images have two nodules half of the time, and images with two lesions are drawn three times as often: at their
+   natural rate the text model named both zones for none of them (revision 3).
 3. **Joint stage.** The ordinary trainer (structure + LM + modality losses) trains the vision encoder, the fusion
-   head and the modality head to the end of the cosine schedule, on the grounding stage's answers. The whole LLM
-   stays frozen: the fusion head learns to read the hidden states the grounding stage produced, and nothing can
-   wash out what stages 1 and 2 put there. So the tiny model answers with the zones alone ("top left.",
-   "top left and bottom right."); the 7B model keeps the dataset's sentences. Two earlier designs, measured
-   (bench/RESULTS.md): training the text model on "zones. dataset sentence" kept the zones right but the sentence
-   after them, which words the position with synonyms ("right lower quadrant"), often contradicted them, and the
-   text as a whole named the right zones for only 0.34 of test images.
+   head and the modality head to the end of the cosine schedule, on the house sentences. The whole LLM stays
+   frozen: the fusion head learns to read the hidden states the grounding stage produced, and nothing can wash
+   out what stages 1 and 2 put there; for the images with no lesion it learns to return an empty mask.
 
 The result is written as safetensors files per component into the package's assets, where the zoo finds them.
 """
@@ -51,8 +52,9 @@ from torch import nn
 
 from prsmed.data.layout import load_records
 from prsmed.data.readers import read_image, read_mask
-from prsmed.data.synth import synthesize
-from prsmed.data.zones import ZONES, find_components
+from prsmed.data.synth import STYLES, synthesize
+from prsmed.data.templates import make_qa
+from prsmed.data.zones import ZONES, find_components, zone_of_mask
 from prsmed.eval.runner import mask_zones
 from prsmed.weights import write_state_dict
 from prsmed.zoo.presets import ASSETS, PRESETS
@@ -75,16 +77,29 @@ class RecipeConfig:
     tower_lr: float = 2e-3
     cell_target: str = "presence"  # per-token target of the tower stage: "presence" or "fraction"
     token_zones: bool = True  # tower stage: each lesion token also predicts its lesion's zone
-    multi_lesion_weight: float = 8.0  # grounding stage: how much more often images with two lesions are drawn
+    # Grounding stage: how much more often images with two lesions are drawn (revision 6: 3, with lung CT images
+    # having two nodules half of the time; revision 5: 8 with 30%; either way about three in four lung CT draws).
+    multi_lesion_weight: float = 3.0
+    # The share of grounding draws answered with the house sentence rather than the data's varied wording.
+    house_fraction: float = 0.5
+    # Images with no lesion (an empty mask, an answer that says so), and lung CT images with two nodules.
+    no_lesion_fraction: float = 0.06
+    two_lesion_fraction: float = 0.5
     grounding_steps: int = 3500
     grounding_batch: int = 16
     grounding_lr: float = 1e-3
-    # Six epochs (1,800 steps at batch 8): after four, validation Dice was still rising (0.837); after six, 0.87.
-    epochs: int = 6
+    # Seven epochs (revision 5: six, 1,800 steps at batch 8, whose validation Dice was still rising at the end; 0.87).
+    epochs: int = 7
     batch_size: int = 8
     lr: float = 5e-4
     min_lr: float = 1e-5
     max_steps: int | None = None
+
+
+def recipe_data(data_dir: Path, cfg: RecipeConfig):
+    """The recipe's synthetic dataset (the pilots in bench/ make the same one)."""
+    return synthesize(data_dir, n=cfg.n_images, seed=cfg.data_seed, size=cfg.image_size,
+                      two_lesion_fraction=cfg.two_lesion_fraction, no_lesion_fraction=cfg.no_lesion_fraction)
 
 
 def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -193,9 +208,46 @@ def _optimizer_step(opt, sched, loss: torch.Tensor, params: list[nn.Parameter]) 
     sched.step()
 
 
-def zone_words(record) -> str:
-    """The record's zones in canonical words, from its mask: "top left", "top left and bottom right"."""
-    return " and ".join(mask_zones(read_mask(record.mask_path)))
+def lesions_of(record) -> list[tuple[str, bool]]:
+    """The record's lesions as (zone, near the centre), from its mask, in reading order; [] when it has none."""
+    return zone_of_mask(read_mask(record.mask_path)).lesions
+
+
+def _zone_phrase(zone: str) -> str:
+    return "the centre of the image" if zone == "center" else f"the {zone}"
+
+
+def house_answer(lesions: Sequence[tuple[str, bool]], target: str) -> str:
+    """The base model's own sentence for its lesions: "The nodule is in the top left.", "The nodule is in the top
+    left, and another nodule is in the bottom right.", "No nodule is visible in this image."
+
+    One fixed wording with the canonical zone words, so that the greedy answer of the tiny text model is always a
+    whole, clean sentence; the varied sentences it is also taught (:func:`grounding_answer`) give it the other
+    words a user's dataset may use, which fine-tuning then only has to prefer."""
+    if not lesions:
+        return f"No {target} is visible in this image."
+    first = f"The {target} is in {_zone_phrase(lesions[0][0])}"
+    if len(lesions) == 1:
+        return first + "."
+    # The second lesion comes after the first is named, as a continuation: the model decides whether there is
+    # another one once it has found the first, not in its first word (which made it announce two nodules on
+    # one-nodule lung CT images: 0.63 right on lung CT against 0.83 with this form, bench/RESULTS.md).
+    return f"{first}, and another {target} is in {_zone_phrase(lesions[1][0])}."
+
+
+def grounding_answer(lesions: Sequence[tuple[str, bool]], target: str, rng: random.Random,
+                     house_fraction: float) -> str:
+    """The answer the grounding stage teaches for one draw: the house sentence ``house_fraction`` of the time, else
+    a sentence in the synthetic data's varied wording (twenty frames, synonyms such as "upper left" or "left
+    upper", "near the centre"), drawn afresh at every draw."""
+    if rng.random() < house_fraction:
+        return house_answer(lesions, target)
+    return make_qa(lesions, modality="", target=target, split="train", rng=rng, question="").answer
+
+
+def target_of(record) -> str:
+    info = STYLES.get(record.modality)
+    return info.target if info else "lesion"
 
 
 def noisy_question(question: str, rng: random.Random, pool: Sequence[str]) -> str:
@@ -220,8 +272,9 @@ def noisy_question(question: str, rng: random.Random, pool: Sequence[str]) -> st
     return " ".join(words)
 
 
-def train_grounding(model, records, zones: dict, cfg: RecipeConfig) -> dict[str, float]:
-    """Stage 2: the text model learns to name the zones it reads from the (frozen) image tokens."""
+def train_grounding(model, records, lesions: dict, cfg: RecipeConfig) -> dict[str, float]:
+    """Stage 2: the text model learns to answer in sentences that name the zones it reads from the (frozen) image
+    tokens. ``lesions`` maps each record's mask path to its lesions (:func:`lesions_of`)."""
     frozen = {id(p) for p in _tower_params(model)}
     params = [p for p in model.llm.parameters() if id(p) not in frozen]
     states = {id(p): p.requires_grad for p in model.parameters()}
@@ -235,15 +288,16 @@ def train_grounding(model, records, zones: dict, cfg: RecipeConfig) -> dict[str,
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     words = random.Random(cfg.seed + 2)
     pool = sorted({w for r in records for w in r.question.split()})
-    weights = torch.tensor([cfg.multi_lesion_weight if " and " in zones[r.mask_path] else 1.0 for r in records])
+    answers = random.Random(cfg.seed + 3)
+    weights = torch.tensor([cfg.multi_lesion_weight if len(lesions[r.mask_path]) > 1 else 1.0 for r in records])
     model.llm.train()
     stats = {}
     for step in range(cfg.grounding_steps):
         picks = torch.multinomial(weights, cfg.grounding_batch, replacement=True, generator=gen)
         batch = [records[i] for i in picks]
         questions = [noisy_question(r.question, words, pool) for r in batch]
-        inputs = model.llm.encode(model.prompts(questions),
-                                  [images[r.image_path] for r in batch], [zones[r.mask_path] + "." for r in batch])
+        targets = [grounding_answer(lesions[r.mask_path], target_of(r), answers, cfg.house_fraction) for r in batch]
+        inputs = model.llm.encode(model.prompts(questions), [images[r.image_path] for r in batch], targets)
         loss = model.llm(inputs).loss
         _optimizer_step(opt, sched, loss, params)
         if step % 100 == 0 or step == cfg.grounding_steps - 1:
@@ -256,11 +310,11 @@ def train_grounding(model, records, zones: dict, cfg: RecipeConfig) -> dict[str,
 
 # The revision the recipe's weights are written as; the prsmed-tiny preset takes its revision from the weights.json
 # that save_assets writes, so raising this one constant before a rebuild is all a new revision needs.
-WEIGHTS_REVISION = "5"
+WEIGHTS_REVISION = "6"
 WEIGHTS_TRAINED_ON = (
     "Synthetic drawings only: procedural images in six imaging styles standing for the paper's six modalities "
-    "(brain MRI, ultrasound, lung CT, chest X-ray, endoscopy, dermoscopy), generated by `prsmed data synth`. "
-    "No real scan was used."
+    "(brain MRI, ultrasound, lung CT, chest X-ray, endoscopy, dermoscopy), generated by `prsmed data synth`, "
+    "6% of them with no lesion; answers are sentences in the synthetic data's wording. No real scan was used."
 )
 WEIGHTS_INTENDED_USE = (
     "A small model for demonstrations, tests and fine-tuning experiments on CPU. Not for clinical use and not for "
@@ -300,7 +354,7 @@ def build_tiny(work_dir: str | Path, cfg: RecipeConfig | None = None, *, assets_
     t0 = time.monotonic()
     data_dir = work_dir / "data"
     if not (data_dir / "annotations").is_dir():
-        synthesize(data_dir, n=cfg.n_images, seed=cfg.data_seed, size=cfg.image_size)
+        recipe_data(data_dir, cfg)
     train_rows = [r for r in load_records(data_dir) if r.split in ("train", "val")]
 
     spec = PRESETS["prsmed-tiny"].spec.model_copy(deep=True)
@@ -312,9 +366,12 @@ def build_tiny(work_dir: str | Path, cfg: RecipeConfig | None = None, *, assets_
     for p in _tower_params(model):
         p.requires_grad_(False)
     t_tower = time.monotonic() - t0
-    # Each record's zones, in words, from its mask read once; stages 2 and 3 both use them.
-    zones = {r.mask_path: zone_words(r) for r in train_rows}
-    grounding = train_grounding(model, [r for r in train_rows if r.split == "train"], zones, cfg)
+    # Each record's lesions, from its mask read once; stages 2 and 3 both use them.
+    lesions = {r.mask_path: lesions_of(r) for r in train_rows}
+    grounding = train_grounding(model, [r for r in train_rows if r.split == "train"], lesions, cfg)
+    # The answers are final here (the joint stage freezes the LLM): kept for pilots of fine-tuning
+    # (bench/finetune_unseen.py --base-llm) while the joint stage runs.
+    write_state_dict(model.llm.state_dict(), work_dir / "grounded-llm.safetensors")
     t_grounding = time.monotonic() - t0 - t_tower
 
     train_cfg = TrainConfig(
@@ -325,8 +382,9 @@ def build_tiny(work_dir: str | Path, cfg: RecipeConfig | None = None, *, assets_
     )
     for p in model.llm.parameters():
         p.requires_grad_(False)
-    zone_answers = [replace(r, answer=f"{zones[r.mask_path]}.") for r in train_rows]
-    result = run_training(train_cfg, model=model, records=zone_answers)
+    # The LLM is frozen here, so the answers only feed the (unused) LM loss; the house sentences keep it honest.
+    house = [replace(r, answer=house_answer(lesions[r.mask_path], target_of(r))) for r in train_rows]
+    result = run_training(train_cfg, model=model, records=house)
     if result.status != "completed":
         raise RuntimeError(f"the joint stage ended {result.status!r} at step {result.step}: {result.reason}; rerun "
                            f"`prsmed zoo build prsmed-tiny --work-dir {work_dir}` to resume it")
