@@ -25,9 +25,10 @@ MAX_NEW_TOKENS = 64
 
 
 def well_formed(answer: str, n_tokens: int) -> bool:
-    words = [w.strip(".,;:").lower() for w in answer.split()]
-    repeated = any(a and a == b for a, b in zip(words, words[1:]))
-    return answer.endswith(".") and not repeated and n_tokens < MAX_NEW_TOKENS - 1 and len(words) >= 3
+    from prsmed.train.answer_eval import repeats_a_word
+
+    return (answer.endswith(".") and not repeats_a_word(answer) and n_tokens < MAX_NEW_TOKENS - 1
+            and len(answer.split()) >= 3)
 
 
 def inputs(tmp: Path) -> list[tuple[str, str, str]]:

@@ -36,11 +36,6 @@ SUITE = (  # (style, phrasing, images): three unseen looks, three wordings, one 
 MAX_NEW_TOKENS = 48
 
 
-def repeats_word(answer: str) -> bool:
-    words = [w.strip(".,;:").lower() for w in answer.split()]
-    return any(a and a == b for a, b in zip(words, words[1:]))
-
-
 def follows(answer: str, phrasing: str) -> bool:
     """The answer names each of its zones with the phrasing's own words."""
     from prsmed.data.templates import PHRASINGS
@@ -56,6 +51,7 @@ def follows(answer: str, phrasing: str) -> bool:
 def score(model, data: Path, phrasing: str) -> tuple[dict, list[dict]]:
     from prsmed.data.layout import load_records
     from prsmed.eval.runner import predict_records, summarize
+    from prsmed.train.answer_eval import repeats_a_word
 
     results = predict_records(model, load_records(data, split="test"), batch_size=16,
                               max_new_tokens=MAX_NEW_TOKENS)
@@ -63,7 +59,7 @@ def score(model, data: Path, phrasing: str) -> tuple[dict, list[dict]]:
     tok = model.llm.tokenizer
     with_lesion = [r for r in results if r.zones_gt != ["none"]]
     overall["phrasing_match"] = sum(follows(r.answer, phrasing) for r in with_lesion) / max(1, len(with_lesion))
-    overall["repeats"] = sum(repeats_word(r.answer) for r in results) / max(1, len(results))
+    overall["repeats"] = sum(repeats_a_word(r.answer) for r in results) / max(1, len(results))
     overall["hit_limit"] = sum(len(tok(r.answer, add_special_tokens=False)["input_ids"]) >= MAX_NEW_TOKENS - 1
                                for r in results) / max(1, len(results))
     samples = [{"truth": r.zones_gt, "reference": r.record.answer, "answer": r.answer} for r in results[:6]]

@@ -30,11 +30,6 @@ from pathlib import Path
 MAX_NEW_TOKENS = 48
 
 
-def repeats_word(answer: str) -> bool:
-    words = [w.strip(".,;:").lower() for w in answer.split()]
-    return any(a and a == b for a, b in zip(words, words[1:]))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("runs/pilot"))
@@ -54,6 +49,7 @@ def main() -> int:
     from prsmed.data.readers import read_image, read_mask
     from prsmed.data.synth import synthesize
     from prsmed.eval.runner import mask_zones, text_zones
+    from prsmed.train.answer_eval import repeats_a_word
     from prsmed.weights import read_state_dict, write_state_dict
     from prsmed.zoo import build_model, recipe
     from prsmed.zoo.presets import PRESETS
@@ -123,7 +119,7 @@ def main() -> int:
                 want = truth[start + i]
                 tower_ok.append(sorted(named) == sorted(want))
                 text_ok.append(text_zones(answer) == want)
-                repeats.append(repeats_word(answer))
+                repeats.append(repeats_a_word(answer))
                 limit.append(n_tok >= MAX_NEW_TOKENS - 1)
                 if len(samples) < 12 or (len(want) > 1 and len(samples) < 16) or (want == ["none"] and
                                                                                    len(samples) < 20):

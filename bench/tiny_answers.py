@@ -22,11 +22,6 @@ from pathlib import Path
 MAX_NEW_TOKENS = 48
 
 
-def repeats_word(answer: str) -> bool:
-    words = [w.strip(".,;:").lower() for w in answer.split()]
-    return any(a and a == b for a, b in zip(words, words[1:]))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test", type=Path, default=Path("runs/fresh-test"))
@@ -40,6 +35,7 @@ def main() -> int:
     from prsmed.data.synth import synthesize
     from prsmed.eval.runner import predict_records
     from prsmed.model.bundle import load_bundle
+    from prsmed.train.answer_eval import repeats_a_word
     from prsmed.zoo import build_model
 
     if not (args.test / "annotations").is_dir():
@@ -68,7 +64,7 @@ def main() -> int:
         "two_lesions": acc(two), "two_lesion_rows": len(two),
         "no_lesion": acc(none), "no_lesion_rows": len(none),
         "by_look": {k: acc(v) for k, v in sorted(by_look.items())},
-        "repeats": sum(repeats_word(r.answer) for r in results),
+        "repeats": sum(repeats_a_word(r.answer) for r in results),
         "hit_limit": sum(len(tok(r.answer, add_special_tokens=False)["input_ids"]) >= MAX_NEW_TOKENS - 1
                          for r in results),
         "answers": len(results),

@@ -9,6 +9,7 @@ from prsmed.data.layout import load_records
 from prsmed.data.synth import synthesize
 from prsmed.eval.runner import predict_records
 from prsmed.model.bundle import load_bundle
+from prsmed.train.answer_eval import repeats_a_word
 from prsmed.train.config import TrainConfig
 from prsmed.train.trainer import run_training
 from prsmed.zoo import build_model
@@ -17,8 +18,7 @@ MAX_NEW_TOKENS = 48
 
 
 def _degenerate(answer: str, tokens: int) -> bool:
-    words = [w.strip(".,;:").lower() for w in answer.split()]
-    return tokens >= MAX_NEW_TOKENS - 1 or any(a and a == b for a, b in zip(words, words[1:]))
+    return tokens >= MAX_NEW_TOKENS - 1 or repeats_a_word(answer)
 
 
 @pytest.mark.slow

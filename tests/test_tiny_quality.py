@@ -43,9 +43,9 @@ def test_tiny_names_the_zone_in_words(report):
 
 
 def _well_formed(answer: str) -> bool:
-    words = [w.strip(".,;:").lower() for w in answer.split()]
-    return (answer[:1].isupper() and answer.endswith(".") and len(words) >= 4
-            and not any(a and a == b for a, b in zip(words, words[1:])))
+    from prsmed.train.answer_eval import repeats_a_word
+
+    return answer[:1].isupper() and answer.endswith(".") and len(answer.split()) >= 4 and not repeats_a_word(answer)
 
 
 def test_tiny_answers_in_whole_sentences(report_rows):
