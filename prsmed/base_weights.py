@@ -78,6 +78,9 @@ class WeightsRecord(BaseModel):
     preset: str
     revision: str
     files: dict[str, str]  # file name -> SHA-256
+    # Files fine-tuning reads but prediction does not (prsmed-tiny's tower probe): checked like the others, left out
+    # of the identity, which names the weights a prediction or an adapter depends on.
+    training_files: dict[str, str] = {}
     identity: str
     trained_on: str
     intended_use: str
@@ -94,14 +97,18 @@ def combine(hashes: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def write_record(folder: str | Path, *, preset: str, revision: str, trained_on: str,
-                 intended_use: str) -> WeightsRecord:
-    """(Re)write ``folder/weights.json`` from the ``*.safetensors`` files now in ``folder``."""
+def write_record(folder: str | Path, *, preset: str, revision: str, trained_on: str, intended_use: str,
+                 training_only: Iterable[str] = ()) -> WeightsRecord:
+    """(Re)write ``folder/weights.json`` from the ``*.safetensors`` files now in ``folder``; those named in
+    ``training_only`` are recorded as training files, outside the identity."""
     folder = Path(folder)
-    files = {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+    training_only = set(training_only)
+    found = {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+    files = {k: v for k, v in found.items() if k not in training_only}
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {folder} to record; write the weights first")
     record = WeightsRecord(preset=preset, revision=str(revision), files=files, identity=combine(files),
+                           training_files={k: v for k, v in found.items() if k in training_only},
                            trained_on=trained_on, intended_use=intended_use)
     tmp = folder / f".{RECORD}.tmp"
     tmp.write_text(record.model_dump_json(indent=2) + "\n")
@@ -130,9 +137,10 @@ def check_record(folder: str | Path) -> list[str]:
         return [f"{folder / RECORD} is missing"]
     problems = []
     on_disk = {p.name for p in folder.glob("*.safetensors")}
-    for name in sorted(on_disk - set(record.files)):
+    recorded = {**record.files, **record.training_files}
+    for name in sorted(on_disk - set(recorded)):
         problems.append(f"{name}: not in the record")
-    for name, expected in sorted(record.files.items()):
+    for name, expected in sorted(recorded.items()):
         if name not in on_disk:
             problems.append(f"{name}: in the record but missing")
         elif (found := sha256_file(folder / name)) != expected:

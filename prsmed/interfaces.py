@@ -77,6 +77,15 @@ class LLMBackbone(nn.Module):
     def tokenizer(self):  # a transformers tokenizer
         raise NotImplementedError
 
+    def image_path(self) -> tuple[nn.Module, nn.Module] | None:
+        """The LLM's own image tower and the projector whose output is the image tokens the text model reads;
+        None for a text-only backbone. Fine-tuning with a tower probe trains the tower through these."""
+        return None
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, image_tokens, hidden) image tokens for ``pixels`` from :meth:`preprocess_images`."""
+        raise NotImplementedError(f"{type(self).__name__} has no image path")
+
     def encode(
         self,
         prompts: Sequence[str],

@@ -58,7 +58,7 @@ def old_bundle(tmp_path_factory):
     state[name] = state[name] + 0.01
     save_file(state, str(assets / "llm.safetensors"))
     old = write_record(assets, preset="prsmed-tiny", revision="old", trained_on=current.trained_on,
-                       intended_use=current.intended_use)
+                       intended_use=current.intended_use, training_only=current.training_files)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prsmed.zoo, "ASSETS", assets.parent)
         model = build_model("prsmed-tiny")
@@ -87,8 +87,10 @@ def predating_bundle(tmp_path_factory):
 
 def test_record_matches_the_shipped_files_and_the_preset_revision(current):
     assert current is not None, f"{SHIPPED / 'weights.json'} is missing; run the recipe's save_assets"
-    files = {p.name: sha256_file(p) for p in SHIPPED.glob("*.safetensors")}
+    files = {p.name: sha256_file(p) for p in SHIPPED.glob("*.safetensors") if p.name != "tower_probe.safetensors"}
     assert current.files == files and len(files) == 4
+    # Read by fine-tuning only: recorded and checked, outside the identity.
+    assert current.training_files == {"tower_probe.safetensors": sha256_file(SHIPPED / "tower_probe.safetensors")}
     assert current.identity == combine(files)
     assert check_record(SHIPPED) == []
     assert current.preset == "prsmed-tiny"

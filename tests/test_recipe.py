@@ -21,7 +21,7 @@ def test_recipe_writes_loadable_weights(tmp_path):
     assert summary["joint_stage"] == {"status": "completed", "steps": 2}
     assert json.loads((tmp_path / "work" / "recipe.json").read_text())["recipe"]["n_images"] == 60
     assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == sorted(
-        [f"{p}.safetensors" for p in PARTS] + ["weights.json"])
+        [f"{p}.safetensors" for p in PARTS] + ["tower_probe.safetensors", "weights.json"])
     record = read_record(tmp_path / "assets")  # the preset's revision comes from this record
     assert record.revision == WEIGHTS_REVISION and check_record(tmp_path / "assets") == []
     spec = PRESETS["prsmed-tiny"].spec.model_copy(deep=True)

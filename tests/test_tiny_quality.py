@@ -24,7 +24,7 @@ def report(tmp_path_factory):
 def test_tiny_weights_ship_with_the_package():
     shipped = describe("prsmed-tiny")["shipped_weights"]
     assert shipped == ["fusion_head.safetensors", "llm.safetensors", "modality_head.safetensors",
-                       "vision_encoder.safetensors"]
+                       "tower_probe.safetensors", "vision_encoder.safetensors"]
 
 
 def test_tiny_segments_a_fresh_split(report):

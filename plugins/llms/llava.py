@@ -319,5 +319,13 @@ class LlavaBackbone(HFBackbone):
             batch.append((pixels - mean) / std)
         return torch.stack(batch)
 
+    def image_path(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        llava = self.model.base_model  # transformers LlavaModel
+        return llava.vision_tower, llava.multi_modal_projector
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = self.model.base_model.get_image_features(pixel_values=pixels.to(self._pixel_dtype())).pooler_output
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
     def _pixel_dtype(self) -> torch.dtype:
         return next(self.model.base_model.vision_tower.parameters()).dtype

@@ -43,7 +43,7 @@ INTENDED_USE = (
     "Research use only. Not a medical device and not for diagnosis or treatment decisions. Outputs (masks and "
     "position descriptions) can be wrong and must be reviewed by a qualified clinician."
 )
-PARTS = ("vision_encoder", "fusion_head", "modality_head")
+PARTS = ("vision_encoder", "fusion_head", "modality_head", "llm_image_path")
 OVERRIDE_HINT = "--allow-other-base-weights (in Python: allow_other_base_weights=True)"
 
 log = logging.getLogger(__name__)

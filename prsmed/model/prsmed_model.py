@@ -136,12 +136,24 @@ class PRSMedModel(nn.Module):
             for n, p in self.llm.named_parameters():
                 if "lora_" in n:
                     p.requires_grad_(True)
+        if train.llm_image_path and self.llm_image_path is not None:
+            for n, p in self.llm_image_path.named_parameters():
+                p.requires_grad_(True)
         for part, flag in (("vision_encoder", train.vision_encoder), ("fusion_head", train.fusion_head)):
             for n, p in getattr(self, part).named_parameters():
                 p.requires_grad_(flag and f"{part}.{n}" not in self._self_frozen)
         if self.modality_head is not None:
             for p in self.modality_head.parameters():
                 p.requires_grad_(train.modality_head)
+
+    @property
+    def llm_image_path(self) -> nn.Module | None:
+        """The LLM's own image tower and projector as one module (a view: the weights stay where they are), or None
+        for a text-only LLM. A bundle carries it as a part when the spec trains it."""
+        path = self.llm.image_path()
+        if path is None:
+            return None
+        return nn.ModuleDict({"tower": path[0], "projector": path[1]})
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         counts = {}

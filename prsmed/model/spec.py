@@ -37,7 +37,7 @@ class LoraSpec(BaseModel):
 
 
 class TrainSpec(BaseModel):
-    """Which parts receive gradients. The base LLM (and its image tower) always stay frozen."""
+    """Which parts receive gradients. The base LLM stays frozen; its image tower too, unless ``llm_image_path``."""
 
     model_config = ConfigDict(extra="forbid")
     vision_encoder: bool = True
@@ -47,6 +47,9 @@ class TrainSpec(BaseModel):
     # Every LLM parameter, tower and projector included: only for pretraining a base from scratch (the tiny
     # preset's recipe). Fine-tuning a pretrained base uses LoRA instead.
     llm: bool = False
+    # The LLM's own image tower and projector, in full: for a small tower, which fine-tuning teaches a new look
+    # through the model's tower probe (prsmed-tiny; prsmed/train/tower_probe.py). The 7B models keep LLaVA-Med's.
+    llm_image_path: bool = False
 
 
 class ModelSpec(BaseModel):

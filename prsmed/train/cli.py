@@ -43,6 +43,12 @@ def train(
     dice_weight: float = typer.Option(0.0, "--dice-weight", help="Extra soft-Dice term in the mask loss."),
     cls_weight: float = typer.Option(0.5, "--cls-weight", help="Modality-classifier weight in early epochs."),
     cls_epochs: int = typer.Option(5, "--cls-epochs", help="Epochs during which the classifier loss counts."),
+    tower_weight: Optional[float] = typer.Option(
+        None, "--tower-weight", help="Weight of the tower-probe loss that teaches the LLM's image tower a new look "
+        "from the masks (default: the model's; prsmed-tiny 1, the paper's model 0 = off)."),
+    tower_lr: Optional[float] = typer.Option(
+        None, "--tower-lr", help="Learning rate of the LLM's image tower and projector when the model trains them "
+        "(default: the model's; otherwise --lr)."),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that has it)."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing/--no-grad-checkpointing",
                                             help="Recompute LLM activations in backward to save memory."),

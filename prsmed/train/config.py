@@ -80,6 +80,12 @@ class TrainConfig(BaseModel):
     dice_weight: float = Field(0.0, ge=0)
     cls_weight: float = Field(0.5, ge=0)
     cls_epochs: int = Field(5, ge=0)
+    # The LLM's image tower, taught a new look from the masks through the model's tower probe
+    # (prsmed/train/tower_probe.py). Off in the paper's recipe, which leaves LLaVA-Med's tower frozen.
+    tower_weight: float = Field(0.0, ge=0, description="weight of the tower-probe loss (needs a model that ships "
+                                "a tower probe and LoRA on its image tower; 0: off)")
+    tower_lr: float | None = Field(None, gt=0, description="learning rate of the LoRA weights in the LLM's image "
+                                   "tower and projector (default: lr)")
 
     # precision and memory
     precision: Precision = "auto"

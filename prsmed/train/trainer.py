@@ -49,6 +49,15 @@ from prsmed.train.data import (
 )
 from prsmed.train.losses import LossWeights, soft_dice, total_loss
 from prsmed.train.report import build_report, combined_score, eval_line
+from prsmed.train.tower_probe import (
+    PROBE_FILE,
+    ImageTokens,
+    TowerProbe,
+    load_probe,
+    probe_reads,
+    token_targets,
+    unstretch,
+)
 from prsmed.weights import CheckpointError
 
 log = logging.getLogger("prsmed.train")
@@ -66,8 +75,11 @@ EXIT_CODES = {
 }
 # Stop requests, ordered so the all-reduced maximum is the most important one.
 _STOPS = ("", "paused", "budget_exhausted", "preempted")
+# The untrained tower's probe reading the zones of this share of training rows or more: the tower stays frozen.
+# prsmed-tiny's probe reads 0.77-0.82 of fresh images of the looks it knows, 0.12-0.52 of three it never saw.
+TOWER_READS_ENOUGH = 0.7
 # Loss parts averaged across processes for logging.
-_PARTS = ("loss", "loss_seg", "loss_bce", "loss_iou", "loss_dice", "loss_lm", "loss_cls", "cls_weight")
+_PARTS = ("loss", "loss_seg", "loss_bce", "loss_iou", "loss_dice", "loss_lm", "loss_cls", "cls_weight", "loss_tower")
 
 
 class TrainingError(RuntimeError):
@@ -323,6 +335,7 @@ class Trainer:
         self.precision = resolve_precision(config.precision, self.device)
         self._model_arg = model
         self._records_arg = records
+        self.tower_probe, self.image_tokens, self.tower_reads = None, None, None
         self.started = time.monotonic()
         self.elapsed_before = 0.0  # training seconds spent by earlier invocations of this run
         self._stop_local = ""  # a stop requested in this process (signal handler, budget, --stop-after)
@@ -361,6 +374,7 @@ class Trainer:
         # Separate streams per process for dropout; identical weights were drawn above from the shared seed.
         seed_everything(cfg.seed + self.dist.rank)
         self.setup_data()
+        self.tower_probe, self.image_tokens = self._tower_probe()
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -383,6 +397,43 @@ class Trainer:
         if not self.trainable:
             raise TrainingError(f"model {model.spec.name!r} has no trainable parameters (check its spec.train flags)")
         self.mask_size = model.contracts["vision_encoder"].input_size
+
+    def _tower_probe(self) -> tuple[TowerProbe | None, ImageTokens | None]:
+        """The frozen probe and the catch of image tokens that train the LLM's tower, when tower_weight asks and
+        the tower cannot already read the data's look; otherwise the tower stays frozen."""
+        cfg, model = self.config, self.model
+        self.tower_reads = None
+        if not cfg.tower_weight:
+            return None, None
+        probe = load_probe(model)
+        if probe is None:
+            raise TrainingError(f"tower_weight={cfg.tower_weight} needs a tower probe, and model {model.spec.name!r} "
+                                f"ships none ({PROBE_FILE} beside its weights); set tower_weight to 0")
+        if not self._tower_params():
+            raise TrainingError(f"tower_weight={cfg.tower_weight} trains the LLM's image tower, but model "
+                                f"{model.spec.name!r} does not train it; set train.llm_image_path in its spec")
+        probe = probe.to(self.device)
+        self.tower_reads = probe_reads(self.model, probe, self.split.train, device=self.device)
+        if self.tower_reads >= TOWER_READS_ENOUGH:
+            # Taught anyway, the tower drifts under Adam's steps and the text model misreads it (bench/RESULTS.md).
+            for p in self._tower_params():
+                p.requires_grad_(False)
+            self.trainable = [(n, p) for n, p in self.trainable if p.requires_grad]
+            if self.dist.main:
+                log.info("the LLM's image tower already reads this data's look (its probe names the zones of %.2f "
+                         "of the training rows it read): it stays frozen", self.tower_reads)
+            return None, None
+        if self.dist.main:
+            log.info("the LLM's image tower learns this data's look through its probe (which names the zones of "
+                     "%.2f of the training rows it read before training)", self.tower_reads)
+        return probe, ImageTokens(model)
+
+    def _tower_params(self) -> list[torch.nn.Parameter]:
+        path = self.model.llm.image_path()
+        if path is None:
+            return []
+        inside = {id(p) for module in path for p in module.parameters()}
+        return [p for _, p in self.trainable if id(p) in inside]
 
     def enable_grad_checkpointing(self) -> None:
         enable_grad_checkpointing(self.model)
@@ -414,8 +465,11 @@ class Trainer:
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
-        return torch.optim.AdamW([p for _, p in self.trainable], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                                 weight_decay=cfg.weight_decay)
+        tower = {id(p) for p in self._tower_params()} if cfg.tower_lr else set()
+        groups = [{"params": [p for _, p in self.trainable if id(p) not in tower]}]
+        if tower:
+            groups.append({"params": [p for _, p in self.trainable if id(p) in tower], "lr": cfg.tower_lr})
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
     def build_scheduler(self):
         # Stepped once per optimizer step over the whole run (the authors step per epoch with T_max=epochs).
@@ -538,8 +592,16 @@ class Trainer:
 
     def forward_loss(self, batch: Batch, *, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         out, logits = self._run_model(batch)
-        return total_loss(logits, batch.masks.to(self.device), out.lm_loss, out.modality_logits, batch.modality,
-                          epoch=epoch, weights=self.loss_weights)
+        loss, parts = total_loss(logits, batch.masks.to(self.device), out.lm_loss, out.modality_logits,
+                                 batch.modality, epoch=epoch, weights=self.loss_weights)
+        if self.tower_probe is not None:
+            masks = [unstretch(m, image.size) for m, image in zip(batch.masks, batch.images)]
+            targets = token_targets(masks, self.tower_probe.tokens).to(self.device)
+            tower = self.tower_probe.loss(self.image_tokens.take(len(batch)), targets)
+            loss = loss + self.config.tower_weight * tower
+            parts["loss_tower"] = float(tower.detach())
+            parts["loss"] = float(loss.detach())
+        return loss, parts
 
     def _sync_gradients(self) -> None:
         """Average gradients over processes: one flat all-reduce per optimizer step, after accumulation. Every
@@ -1021,6 +1083,8 @@ class Trainer:
             "bad_rows": {"count": len(self.bad_rows), "first": {str(k): v for k, v in first_bad.items()}},
             "validation": self.split.how,
             "report": result.report,
+            "image_tower": None if self.tower_reads is None else {
+                "probe_reads_before": round(self.tower_reads, 4), "trained": self.tower_probe is not None},
             "world_size": self.dist.world_size,
             "precision": self.precision,
         }
@@ -1038,6 +1102,8 @@ class Trainer:
 
     def close(self) -> None:
         self.runlog.close()
+        if getattr(self, "image_tokens", None) is not None:
+            self.image_tokens.close()
 
 
 def _describe(scores: dict[str, Any]) -> str:
