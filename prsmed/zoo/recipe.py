@@ -57,7 +57,7 @@ from prsmed.data.synth import STYLES, synthesize
 from prsmed.data.templates import make_qa
 from prsmed.data.zones import ZONES, find_components, zone_of_mask
 from prsmed.eval.runner import mask_zones
-from prsmed.train.tower_probe import PROBE_FILE
+from prsmed.train.tower_probe import PROBE_FILE, token_targets
 from prsmed.weights import write_state_dict
 from prsmed.zoo.presets import ASSETS, PRESETS
 
@@ -110,45 +110,35 @@ def recipe_data(data_dir: Path, cfg: RecipeConfig):
 
 def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
     """The projected image tokens (batch, tokens, hidden) the LLM reads for CLIP-preprocessed ``pixels``."""
-    feats = model.llm.model.model.get_image_features(pixel_values=pixels).pooler_output
-    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    return model.llm.image_features(pixels)
 
 
 def tower_targets(model, records, cell_target: str = "fraction") -> tuple[torch.Tensor, ...]:
     """For every record: CLIP pixels; per-token lesion targets on the token grid (the fraction of the patch that is
     lesion, or whether any of it is: ``cell_target="presence"``); multi-hot zones; and per-token zones (the index
     in ZONES of the lesion a token's patch touches, -100 for tokens on no lesion)."""
-    backbone = model.llm
-    grid = int(math.isqrt(model.contracts["llm"].image_tokens))
-    pool = F.adaptive_max_pool2d if cell_target == "presence" else F.adaptive_avg_pool2d
-    pixels, cells, zones, token_zones = [], [], [], []
+    tokens = model.contracts["llm"].image_tokens
+    grid = int(math.isqrt(tokens))
+    pixels, parts = [], []
     for start in range(0, len(records), 64):
         chunk = records[start : start + 64]
-        images = [read_image(r.image_path) for r in chunk]
-        pixels.append(backbone.preprocess_images(images))
-        for r in chunk:
-            mask = read_mask(r.mask_path)
-            h, w = mask.shape
-            side = max(h, w)  # the tower sees the image padded to a square, centred, as LLaVA's "pad"
-            top, left = (side - h) // 2, (side - w) // 2
-            square = np.zeros((side, side), dtype=np.float32)
-            square[top : top + h, left : left + w] = mask
-            cells.append(pool(torch.from_numpy(square)[None, None], grid).flatten())
-            hot = torch.zeros(len(ZONES))
-            for z in mask_zones(mask):
-                if z in ZONES:
-                    hot[ZONES.index(z)] = 1
-            zones.append(hot)
-            per_token = torch.full((grid * grid,), -100, dtype=torch.long)
-            for comp in find_components(mask):
-                x0, y0, x1, y1 = comp.bbox
-                part = np.zeros_like(square)
-                part[top + y0 : top + y1 + 1, left + x0 : left + x1 + 1] = \
-                    square[top + y0 : top + y1 + 1, left + x0 : left + x1 + 1]
-                touched = F.adaptive_max_pool2d(torch.from_numpy(part)[None, None], grid).flatten() > 0
-                per_token[touched] = ZONES.index(comp.zone)
-            token_zones.append(per_token)
-    return torch.cat(pixels), torch.stack(cells), torch.stack(zones), torch.stack(token_zones)
+        pixels.append(model.llm.preprocess_images([read_image(r.image_path) for r in chunk]))
+        masks = [read_mask(r.mask_path) for r in chunk]
+        targets = token_targets(masks, tokens)  # presence per token, padded to a square as the tower sees it
+        if cell_target != "presence":
+            targets.cells = torch.stack([F.adaptive_avg_pool2d(torch.from_numpy(_padded(m))[None, None], grid)
+                                         .flatten() for m in masks])
+        parts.append(targets)
+    return (torch.cat(pixels), torch.cat([t.cells for t in parts]), torch.cat([t.zones for t in parts]),
+            torch.cat([t.token_zones for t in parts]))
+
+
+def _padded(mask: np.ndarray) -> np.ndarray:
+    h, w = mask.shape
+    side = max(h, w)
+    square = np.zeros((side, side), dtype=np.float32)
+    square[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = mask > 0
+    return square
 
 
 @dataclass
@@ -163,7 +153,6 @@ class TowerStage:
 
 def train_tower(model, records, cfg: RecipeConfig) -> TowerStage:
     """Stage 1: teach the LLM's tower and projector to carry where the lesion is."""
-    llava = model.llm.model.model  # transformers LlavaModel: vision_tower + multi_modal_projector
     params = _tower_params(model)
     hidden = model.contracts["llm"].hidden_size
     tokens = model.contracts["llm"].image_tokens
@@ -178,7 +167,7 @@ def train_tower(model, records, cfg: RecipeConfig) -> TowerStage:
                             weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.tower_steps, eta_min=cfg.tower_lr * 0.01)
     gen = torch.Generator().manual_seed(cfg.seed)
-    llava.train()
+    model.llm_image_path.train()
     stats = {}
     for step in range(cfg.tower_steps):
         idx = torch.randint(0, len(pixels), (cfg.tower_batch,), generator=gen)
@@ -234,8 +223,7 @@ def add_tower_probe(data_dir: str | Path, assets_dir: str | Path | None = None,
 
 
 def _tower_params(model) -> list[nn.Parameter]:
-    llava = model.llm.model.model
-    return list(llava.vision_tower.parameters()) + list(llava.multi_modal_projector.parameters())
+    return list(model.llm_image_path.parameters())
 
 
 def _optimizer_step(opt, sched, loss: torch.Tensor, params: list[nn.Parameter]) -> None:
@@ -419,6 +407,7 @@ def build_tiny(work_dir: str | Path, cfg: RecipeConfig | None = None, *, assets_
     train_cfg = TrainConfig(
         model="prsmed-tiny", data=data_dir, out=work_dir / "joint", epochs=cfg.epochs, batch_size=cfg.batch_size,
         lr=cfg.lr, min_lr=cfg.min_lr, seed=cfg.seed, max_steps=cfg.max_steps, precision="fp32", progress=progress,
+        tower_weight=0.0,  # the whole LLM is frozen here; the probe is for fine-tuning
         # The earlier stages are deterministic for a seed, so an interrupted joint stage resumes where it stopped.
         resume=(work_dir / "joint" / "checkpoints").is_dir(),
     )
