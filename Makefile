@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt sdk/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ./sdk -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e ./sdk -e '.[serve,demo,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -44,7 +44,10 @@ console = Console()
 
 
 def _fail(message: str, code: int = 2) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    from rich.markup import escape
+
+    # Escaped: a message quotes paths and commands ("prsmed[serve]") that are not markup.
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -160,7 +163,7 @@ def convert_llava_med(
     ),
 ) -> None:
     """Convert an original-layout LLaVA-Med checkpoint into transformers' LLaVA layout."""
-    from prsmed_plugins.llms.convert_llava_med import convert_llava_med as convert
+    from prsmed_plugins.converters.llava_med import convert_llava_med as convert
 
     try:
         convert(src, dst, vision_tower_dir=vision_tower, tokenizer_dir=tokenizer)
@@ -184,11 +187,17 @@ def serve(
     job_threads: Optional[int] = typer.Option(None, "--job-threads", help="CPU threads per training job."),
 ) -> None:
     """Start the service: REST on --port, gRPC on --grpc-port, fine-tuning jobs, on one warm model."""
+    from prsmed.extras import MissingExtra, require
+
     try:
+        require("serve")
         from prsmed_service.config import ServiceConfig
         from prsmed_service.launcher import serve as launch
+    except MissingExtra as e:
+        _fail(str(e))
     except ImportError as e:
-        _fail(f"the service needs its dependencies ({e}); install with `pip install ./sdk -e .` or use `make serve`")
+        _fail(f"the service cannot start ({e}); install it with pip install 'prsmed[serve]' and the SDK beside it "
+              f"(in a checkout: pip install -e ./sdk -e '.[serve]', or make serve)")
     if token_file is not None and not token_file.is_file():
         _fail(f"--token-file {token_file} does not exist")
     from pydantic import ValidationError
@@ -263,6 +272,12 @@ def demo(
     process (asking only). A server already shows the same demo at /ui."""
     import os
 
+    from prsmed.extras import MissingExtra, require
+
+    try:
+        require("demo")
+    except MissingExtra as e:
+        _fail(str(e))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from prsmed_demo import ClientBackend, LocalBackend, build_demo
 

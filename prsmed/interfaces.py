@@ -82,6 +82,11 @@ class LLMBackbone(nn.Module):
         None for a text-only backbone. Fine-tuning with a tower probe trains the tower through these."""
         return None
 
+    def text_model(self) -> nn.Module | None:
+        """The decoder stack whose linear layers a 4-bit base would quantise (the planner counts them); None when
+        the backbone cannot say."""
+        return None
+
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, image_tokens, hidden) image tokens for ``pixels`` from :meth:`preprocess_images`."""
         raise NotImplementedError(f"{type(self).__name__} has no image path")

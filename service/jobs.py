@@ -1,4 +1,5 @@
-"""Fine-tuning jobs: a persistent queue (SQLite) and one ``python -m prsmed.train`` worker process per running job.
+"""Fine-tuning jobs: the manager. It validates requests, keeps the queue in the job store (job_store.py), runs one
+``python -m prsmed.train --config FILE`` worker per running job (job_worker.py), and publishes finished adapters.
 
 The server process never trains: each job is a child process in its own process group, at a lower CPU priority,
 so a training job cannot take the server down with it or starve predictions. A scheduler thread launches queued
@@ -10,28 +11,24 @@ jobs in order, follows their ``metrics.jsonl``, and reads how each one ended::
     exit 75 otherwise (someone else sent SIGTERM)                         -> preempted (resume() continues it)
     anything else, or killed by a signal                                  -> failed (error says how, with the log)
 
-Files of a job live under ``<root>/jobs/<id>/``: ``worker.log`` (the worker's stdout and stderr, all attempts) and
-``run/`` (the trainer's run directory: checkpoints, metrics.jsonl, summary.json, adapter/). A finished adapter is
+Files of a job live under ``<root>/jobs/<id>/``: ``train-config.json`` (the worker's whole TrainConfig),
+``worker.log`` (the worker's stdout and stderr, all attempts) and ``run/`` (the trainer's run directory: checkpoints, metrics.jsonl, summary.json, adapter/). A finished adapter is
 copied to ``<adapter_dir>/<adapter name>/`` under a temporary name, verified, then renamed into place, so the
 adapter store never lists a half-copied bundle.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import os
 import secrets
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -41,6 +38,23 @@ from prsmed_sdk.models import FINAL_JOB_STATES, JobEvent, JobInfo, JobRequest, T
 
 from .auth import TOKEN_ENV
 from .datasets import DatasetNotFound, DatasetStore
+from .job_store import JobStore, now
+from .job_worker import (
+    CONFIG_FILE,
+    MetricsTail,
+    Worker,
+    alive,
+    is_worker,
+    killpg,
+    launch,
+    log_tail,
+    read_json,
+    signal_name,
+    total_from_checkpoints,
+    worker_command,
+    worker_env,
+    write_config,
+)
 
 log = logging.getLogger("prsmed.service.jobs")
 
@@ -49,8 +63,6 @@ EXIT_BAD_OPTIONS = 2
 EXIT_PREEMPTED = 75
 # summary.json statuses of a run that ended with a usable adapter (exit 0).
 DONE_STATUSES = frozenset({"completed", "early_stopped", "budget_exhausted"})
-WORKER_NICE = 10
-LOG_TAIL_LINES = 20
 # TrainConfig fields the service sets itself, and those the request carries as top-level fields.
 SERVICE_OPTIONS = frozenset({"model", "data", "out", "resume"})
 REQUEST_FIELDS = ("epochs", "batch_size", "lr")
@@ -59,7 +71,6 @@ REFUSED_OPTIONS = {
     "on_finish": "it runs a shell command on the server, which the API does not allow",
     "progress": "the service always runs the trainer without a progress bar",
     "stop_after": "the service schedules runs itself; use max_steps, or cancel and resume the job",
-    "betas": "the trainer's command line has no flag for it",
 }
 _DEFAULT_RETRY_S = 30.0
 _ORPHAN_GRACE_S = 15.0
@@ -84,224 +95,12 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def train_options() -> dict[str, Any]:
     """The ``options`` a job request may carry: TrainConfig fields with their defaults."""
     from prsmed.train.config import TrainConfig
 
     skip = SERVICE_OPTIONS | set(REQUEST_FIELDS) | set(REFUSED_OPTIONS)
     return {k: f.default for k, f in TrainConfig.model_fields.items() if k not in skip}
-
-
-def option_flags(options: dict[str, Any]) -> list[str]:
-    """``prsmed train`` flags for validated options: ``max_steps=3`` -> ``--max-steps 3``, booleans as
-    ``--x``/``--no-x``; None keeps the trainer's default."""
-    args: list[str] = []
-    for key, value in options.items():
-        flag = key.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            args.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            args += [f"--{flag}", str(value)]
-    return args
-
-
-# --- storage -----------------------------------------------------------------------------------------------------
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL,
-    base TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    adapter_name TEXT NOT NULL UNIQUE,
-    config TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    started_at TEXT,
-    finished_at TEXT,
-    step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER,
-    epoch REAL,
-    loss REAL,
-    eta_s REAL,
-    metrics TEXT NOT NULL DEFAULT '{}',
-    error TEXT,
-    adapter TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    queue_seq INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    pid INTEGER,
-    report TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, queue_seq);
-CREATE TABLE IF NOT EXISTS transitions (
-    n INTEGER PRIMARY KEY AUTOINCREMENT,
-    job TEXT NOT NULL,
-    state TEXT NOT NULL,
-    at TEXT NOT NULL,
-    detail TEXT
-);
-CREATE INDEX IF NOT EXISTS transitions_job ON transitions (job, n);
-"""
-# JSON columns and what an empty one reads as.
-_JSON_COLUMNS = {"config": "{}", "metrics": "{}", "report": "null"}
-# Columns added since the first schema, for tables an older server created.
-_ADDED_COLUMNS = {"report": "TEXT"}
-
-
-class _Db:
-    """The job table behind one connection and one lock: small, and the lock keeps statements from interleaving."""
-
-    def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, timeout=10)
-        self._conn.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        with self._lock, self._conn:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
-            present = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
-            for column, kind in _ADDED_COLUMNS.items():
-                if column not in present:
-                    self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
-            self._conn.execute("PRAGMA user_version=2")
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    @staticmethod
-    def _decode(row: sqlite3.Row | None) -> dict | None:
-        if row is None:
-            return None
-        d = dict(row)
-        for k, empty in _JSON_COLUMNS.items():
-            d[k] = json.loads(d[k] or empty)
-        return d
-
-    def one(self, job_id: str) -> dict | None:
-        with self._lock:
-            return self._decode(self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-
-    def select(self, where: str = "1", params: tuple = (), order: str = "seq DESC", limit: int = -1) -> list[dict]:
-        with self._lock:
-            rows = self._conn.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY {order} LIMIT ?",
-                                      (*params, limit)).fetchall()
-        return [self._decode(r) for r in rows]
-
-    def scalar(self, sql: str, params: tuple = ()) -> Any:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchone()[0]
-
-    def insert(self, job: dict, *, detail: str | None = None) -> None:
-        cols = list(job)
-        values = [json.dumps(job[c]) if c in _JSON_COLUMNS else job[c] for c in cols]
-        with self._lock, self._conn:
-            self._conn.execute(f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values)
-            self._conn.execute("INSERT INTO transitions (job, state, at, detail) VALUES (?, ?, ?, ?)",
-                               (job["id"], job["state"], _now(), detail))
-
-    def update(self, job_id: str, *, detail: str | None = None, **fields: Any) -> None:
-        """Change fields; a ``state`` among them is also recorded as a transition."""
-        if not fields:
-            return
-        cols = list(fields)
-        values = [json.dumps(fields[c]) if c in _JSON_COLUMNS else fields[c] for c in cols]
-        with self._lock, self._conn:
-            self._conn.execute(f"UPDATE jobs SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?",
-                               (*values, job_id))
-            if "state" in fields:
-                self._conn.execute("INSERT INTO transitions (job, state, at, detail) VALUES (?, ?, ?, ?)",
-                                   (job_id, fields["state"], _now(), detail))
-
-    def transitions(self, job_id: str, after: int = 0) -> list[dict]:
-        with self._lock:
-            rows = self._conn.execute("SELECT * FROM transitions WHERE job = ? AND n > ? ORDER BY n",
-                                      (job_id, after)).fetchall()
-        return [dict(r) for r in rows]
-
-    def last_transition(self, job_id: str) -> int:
-        with self._lock:
-            return self._conn.execute("SELECT COALESCE(MAX(n), 0) FROM transitions WHERE job = ?",
-                                      (job_id,)).fetchone()[0]
-
-
-# --- following a run's metrics.jsonl -------------------------------------------------------------------------------
-
-class MetricsTail:
-    """New complete lines of a growing ``metrics.jsonl``, as dicts; a half-written last line waits for its end.
-
-    A resumed run rewrites the file in place, keeping the lines up to its checkpoint, then appends. That is noticed
-    by the bytes just before the read position changing (or the file shrinking); the file is then read again from
-    the start, skipping lines no newer than the last one already returned, so the re-run steps come through once.
-    ``from_end`` starts a first read that many bytes before the end (for a progress view, not a replay).
-    """
-
-    _MARK = 64
-
-    def __init__(self, path: Path, *, from_end: int | None = None) -> None:
-        self.path = Path(path)
-        self.from_end = from_end
-        self.offset = 0
-        self._mark = b""
-        self._last_time = float("-inf")
-        self._not_after: float | None = None
-
-    def read(self) -> list[dict]:
-        try:
-            f = open(self.path, "rb")  # noqa: SIM115 - a missing file is the usual case, not an error
-        except OSError:
-            return []
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if self.offset and self._rewritten(f, size):
-                self.offset, self._mark, self._not_after = 0, b"", self._last_time
-            skip_partial = False
-            if self.offset == 0 and self.from_end and size > self.from_end:
-                self.offset, skip_partial = size - self.from_end, True
-            f.seek(self.offset)
-            data = f.read(size - self.offset)
-        if skip_partial:
-            cut = data.find(b"\n")
-            if cut < 0:
-                return []
-            self.offset += cut + 1
-            data = data[cut + 1:]
-        end = data.rfind(b"\n")
-        if end < 0:
-            return []
-        chunk = data[:end + 1]
-        self.offset += len(chunk)
-        self._mark = (self._mark + chunk)[-self._MARK:]
-        out = []
-        for line in chunk.splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line a crash cut short, kept by a later rewrite
-            if not isinstance(rec, dict):
-                continue
-            t = rec.get("time")
-            if isinstance(t, (int, float)):
-                if self._not_after is not None and t <= self._not_after:
-                    continue
-                self._last_time = max(self._last_time, t)
-            out.append(rec)
-        return out
-
-    def _rewritten(self, f, size: int) -> bool:
-        if size < self.offset:
-            return True
-        if not self._mark:
-            return False
-        f.seek(self.offset - len(self._mark))
-        return f.read(len(self._mark)) != self._mark
 
 
 def _step_data(rec: dict, total_steps: int | None) -> dict:
@@ -335,48 +134,6 @@ def _report(summary: dict, job_id: str) -> dict | None:
         return None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
-def _log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 16384) -> str:
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(0, size - max_bytes))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # already gone
-
-
-@dataclass
-class _Worker:
-    proc: subprocess.Popen
-    run: Path
-    log: Path
-    tail: MetricsTail
-    stop: str | None = None  # "cancel" or "shutdown": why we sent SIGTERM
-
-
 # --- the manager -------------------------------------------------------------------------------------------------
 
 class JobManager:
@@ -401,9 +158,9 @@ class JobManager:
         self.python = python
         self.worker_threads = worker_threads
         self.poll_s = poll_s
-        self._db = _Db(self.root / "jobs.sqlite")
+        self._db = JobStore(self.root / "jobs.sqlite")
         self._lock = threading.RLock()  # guards _procs and every state change
-        self._procs: dict[str, _Worker] = {}
+        self._procs: dict[str, Worker] = {}
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -469,7 +226,7 @@ class JobManager:
             self._db.insert({
                 "id": job_id, "state": "queued", "base": req.base, "dataset": req.dataset, "adapter_name": name,
                 "config": options,
-                "created_at": _now(), "queue_seq": self._next_queue_seq(),
+                "created_at": now(), "queue_seq": self._next_queue_seq(),
             })
         self._wake.set()
         return self.get(job_id)
@@ -539,14 +296,14 @@ class JobManager:
             row = self._row(job_id)
             state = row["state"]
             if state in ("queued", "interrupted", "preempted"):
-                self._db.update(job_id, state="canceled", finished_at=_now(), eta_s=None,
+                self._db.update(job_id, state="canceled", finished_at=now(), eta_s=None,
                                 detail=f"canceled while {state}")
             elif state == "running":
                 self._db.update(job_id, cancel_requested=1)
                 worker = self._procs.get(job_id)
                 if worker is not None:
                     worker.stop = "cancel"
-                    _killpg(worker.proc.pid, signal.SIGTERM)
+                    killpg(worker.proc.pid, signal.SIGTERM)
         self._wake.set()
         return self.get(job_id)
 
@@ -570,7 +327,7 @@ class JobManager:
     def start(self) -> None:
         """Recover what a previous server process left running, then run the scheduler thread."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            if self._thread is not None and self._thread.isalive():
                 return
             self._stopping.clear()
             self._recover()
@@ -590,13 +347,13 @@ class JobManager:
             workers = dict(self._procs)
             for w in workers.values():
                 w.stop = w.stop or "shutdown"
-                _killpg(w.proc.pid, signal.SIGTERM)
+                killpg(w.proc.pid, signal.SIGTERM)
         for job_id, w in workers.items():
             try:
                 w.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("job %s: the worker did not stop within %.0f s; killing it", job_id, timeout)
-                _killpg(w.proc.pid, signal.SIGKILL)
+                killpg(w.proc.pid, signal.SIGKILL)
                 w.proc.wait()
         for job_id, w in workers.items():
             with self._lock:
@@ -618,7 +375,7 @@ class JobManager:
         for row in self._db.select("state = 'running'"):
             self._reap_orphan(row)
             if row["cancel_requested"]:
-                self._db.update(row["id"], state="canceled", finished_at=_now(), pid=None, eta_s=None,
+                self._db.update(row["id"], state="canceled", finished_at=now(), pid=None, eta_s=None,
                                 detail="canceled; the server stopped before the worker confirmed")
             else:
                 self._db.update(row["id"], state="interrupted", pid=None, eta_s=None,
@@ -632,16 +389,15 @@ class JobManager:
     def _reap_orphan(self, row: dict) -> None:
         """A worker can outlive a crashed server (it has its own session); stop it before its run is resumed."""
         pid = row["pid"]
-        run = self.jobs_dir / row["id"] / "run"
-        if not pid or not _is_worker(pid, run):
+        if not pid or not is_worker(pid, self.jobs_dir / row["id"] / CONFIG_FILE):
             return
         log.warning("job %s: a worker from a previous server (pid %d) is still running; stopping it", row["id"], pid)
-        _killpg(pid, signal.SIGTERM)
+        killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + _ORPHAN_GRACE_S
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and alive(pid):
             time.sleep(0.2)
-        if _alive(pid):
-            _killpg(pid, signal.SIGKILL)
+        if alive(pid):
+            killpg(pid, signal.SIGKILL)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -653,7 +409,7 @@ class JobManager:
             self._wake.clear()
 
     def _tick(self) -> None:
-        done: list[tuple[str, _Worker, int]] = []
+        done: list[tuple[str, Worker, int]] = []
         with self._lock:
             for job_id, w in list(self._procs.items()):
                 rc = w.proc.poll()
@@ -673,23 +429,11 @@ class JobManager:
                 self._launch(nxt[0])
 
     # --- workers ------------------------------------------------------------------------------------------------
-    def _command(self, row: dict, data: Path, run: Path) -> list[str]:
-        cfg = dict(row["config"])
-        args = [self.python, "-m", "prsmed.train", "--model", row["base"], "--data", str(data), "--out", str(run),
-                "--epochs", str(cfg.pop("epochs")), "--batch-size", str(cfg.pop("batch_size")),
-                "--lr", repr(float(cfg.pop("lr")))]
-        if (run / "checkpoints").is_dir():
-            args.append("--resume")  # the trainer refuses a run directory with checkpoints unless it resumes
-        args.append("--no-progress")
-        return args + option_flags(cfg)
-
-    def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}  # the worker needs no API credentials
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.worker_threads:
-            n = str(int(self.worker_threads))
-            env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
-        return env
+    def _worker_config(self, row: dict, data: Path, run: Path) -> dict[str, Any]:
+        """The TrainConfig fields the worker runs: the job's validated options, and what the service sets."""
+        # The trainer refuses a run directory with checkpoints unless it resumes.
+        return {**row["config"], "model": row["base"], "data": str(data), "out": str(run),
+                "resume": (run / "checkpoints").is_dir(), "progress": False}
 
     def _launch(self, row: dict) -> None:
         job_id = row["id"]
@@ -698,38 +442,33 @@ class JobManager:
         try:
             data = self.datasets.path(row["dataset"])
         except DatasetNotFound:
-            self._db.update(job_id, state="failed", finished_at=_now(),
+            self._db.update(job_id, state="failed", finished_at=now(),
                             error=f"dataset {row['dataset']} was deleted before the job could start",
                             detail="dataset missing")
             return
         attempt = row["attempts"] + 1
         log_path = job_dir / "worker.log"
+        fields = self._worker_config(row, data, run)
         try:
             run.mkdir(parents=True, exist_ok=True)
             # A summary from an earlier attempt must not be mistaken for this attempt's.
             (run / "summary.json").unlink(missing_ok=True)
-            args = self._command(row, data, run)
+            args = worker_command(self.python, write_config(job_dir, fields))
             with open(log_path, "ab") as logf:
-                logf.write(f"--- {_now()} attempt {attempt}: {' '.join(args[1:])}\n".encode())
-                logf.flush()
-                proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                        cwd=job_dir, env=self._env(), start_new_session=True, close_fds=True)
-        except OSError as e:
-            self._db.update(job_id, state="failed", finished_at=_now(), attempts=attempt,
+                resuming = " (resuming)" if fields["resume"] else ""
+                logf.write(f"--- {now()} attempt {attempt}{resuming}: {' '.join(args[1:])}\n".encode())
+            proc = launch(args, cwd=job_dir, log_path=log_path, env=worker_env(self.worker_threads, drop=(TOKEN_ENV,)))
+        except (OSError, ValueError) as e:
+            self._db.update(job_id, state="failed", finished_at=now(), attempts=attempt,
                             error=f"could not start the training worker ({self.python}): {e}", detail="no worker")
             return
-        try:
-            # Right after exec the worker has one thread; the ones it starts later inherit this priority.
-            os.setpriority(os.PRIO_PROCESS, proc.pid, WORKER_NICE)
-        except (OSError, AttributeError):
-            pass
-        self._procs[job_id] = _Worker(proc, run, log_path, MetricsTail(run / "metrics.jsonl", from_end=1 << 20))
-        self._db.update(job_id, state="running", started_at=row["started_at"] or _now(), finished_at=None,
+        self._procs[job_id] = Worker(proc, run, log_path, MetricsTail(run / "metrics.jsonl", from_end=1 << 20))
+        self._db.update(job_id, state="running", started_at=row["started_at"] or now(), finished_at=None,
                         attempts=attempt, pid=proc.pid, error=None, cancel_requested=0, report=None,
-                        detail=f"attempt {attempt}" + (" (resuming)" if "--resume" in args else ""))
+                        detail=f"attempt {attempt}{resuming}")
         log.info("job %s: worker %d started (attempt %d)", job_id, proc.pid, attempt)
 
-    def _progress(self, job_id: str, w: _Worker) -> None:
+    def _progress(self, job_id: str, w: Worker) -> None:
         lines = w.tail.read()
         row = None
         fields: dict[str, Any] = {}
@@ -750,16 +489,16 @@ class JobManager:
         if "total_steps" not in fields:
             row = row or self._db.one(job_id)
             if row and row["total_steps"] is None:
-                total = _total_from_checkpoints(w.run)
+                total = total_from_checkpoints(w.run)
                 if total:
                     fields["total_steps"] = total
         self._db.update(job_id, **fields)
 
-    def _finish(self, job_id: str, w: _Worker, rc: int) -> None:
+    def _finish(self, job_id: str, w: Worker, rc: int) -> None:
         """Record how a worker ended (see the module docs), publishing its adapter when it succeeded."""
         self._progress(job_id, w)
         row = self._db.one(job_id)
-        summary = _read_json(w.run / "summary.json")
+        summary = read_json(w.run / "summary.json")
         fields: dict[str, Any] = {"pid": None, "eta_s": None}
         if summary.get("step") is not None:
             fields["step"] = int(summary["step"])
@@ -791,7 +530,7 @@ class JobManager:
             state, error = "failed", self._failure(rc, status, summary, w.log)
             detail = error.splitlines()[0]
         if state in FINAL_JOB_STATES:
-            fields["finished_at"] = _now()
+            fields["finished_at"] = now()
         with self._lock:
             self._db.update(job_id, state=state, error=error, detail=detail, **fields)
         log.info("job %s: worker exited with %s -> %s", job_id, rc, state)
@@ -800,7 +539,7 @@ class JobManager:
     @staticmethod
     def _failure(rc: int, status: str | None, summary: dict, log_path: Path) -> str:
         if rc < 0:
-            how = f"the worker was killed by {_signal_name(-rc)}"
+            how = f"the worker was killed by {signal_name(-rc)}"
             if -rc == signal.SIGKILL:
                 how += (" (the kernel's out-of-memory killer sends SIGKILL: if nobody killed it, the job needed more "
                         "memory than the machine or container allows; `prsmed plan` sizes a run)")
@@ -812,7 +551,7 @@ class JobManager:
             how = f"the worker exited with status {rc}"
         if summary.get("reason") and status == "failed":
             how += f": {summary['reason']}"
-        tail = _log_tail(log_path)
+        tail = log_tail(log_path)
         return how + (f"\nlast lines of worker.log:\n{tail}" if tail else "")
 
     def _publish(self, bundle: Path, name: str) -> None:
@@ -880,32 +619,3 @@ class JobManager:
         return JobEvent(event="state", data=data)
 
 
-def _total_from_checkpoints(run: Path) -> int | None:
-    """The run's planned number of steps, from its newest checkpoint (metrics lines do not carry it)."""
-    ckpts = sorted((run / "checkpoints").glob("step-*/state.json"))
-    if not ckpts:
-        return None
-    total = _read_json(ckpts[-1]).get("total_steps")
-    return int(total) if isinstance(total, int) else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _is_worker(pid: int, run: Path) -> bool:
-    """Whether ``pid`` is still a trainer working on ``run`` (not a reused pid): checked on /proc, else assumed not."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"prsmed.train" in cmdline and str(run).encode() in cmdline

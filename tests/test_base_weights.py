@@ -15,30 +15,17 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import prsmed.zoo
-from prsmed.base_weights import NO_WEIGHTS, check_record, combine, identify, read_record, write_record
+from prsmed.base_weights import NO_WEIGHTS, check_record, combine, identify, read_record
 from prsmed.cli import app
 from prsmed.data.synth import synthesize
 from prsmed.fileio import sha256_file
 from prsmed.infer import BundleError, Predictor
 from prsmed.model.bundle import MANIFEST, BaseWeightsMismatch, load_bundle, read_manifest, save_bundle
 from prsmed.zoo import PRESETS, build_model
-from prsmed.zoo.presets import ASSETS
 from prsmed.zoo.recipe import WEIGHTS_REVISION
 
-SHIPPED = ASSETS / "prsmed-tiny"
+from samples import SHIPPED, train_stand_in, trainable
 EXAMPLE = Path(__file__).resolve().parents[1] / "demo" / "examples" / "lung_Xray.png"
-
-
-def _trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _train_stand_in(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 @pytest.fixture(scope="module")
@@ -47,33 +34,10 @@ def current():
 
 
 @pytest.fixture(scope="module")
-def old_bundle(tmp_path_factory):
-    """A bundle trained on another revision of prsmed-tiny's weights: the shipped files with one tensor moved, under
-    their own record (revision "old"), as a rebuild of the weights leaves an adapter trained before it."""
-    current = read_record(SHIPPED)
-    assets = tmp_path_factory.mktemp("old-assets") / "prsmed-tiny"
-    shutil.copytree(SHIPPED, assets)
-    state = load_file(str(assets / "llm.safetensors"))
-    name = sorted(state)[0]
-    state[name] = state[name] + 0.01
-    save_file(state, str(assets / "llm.safetensors"))
-    old = write_record(assets, preset="prsmed-tiny", revision="old", trained_on=current.trained_on,
-                       intended_use=current.intended_use, training_only=current.training_files)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prsmed.zoo, "ASSETS", assets.parent)
-        model = build_model("prsmed-tiny")
-    assert model.base_weights == old.as_identity()
-    _train_stand_in(model, 3)
-    out = tmp_path_factory.mktemp("bundles") / "old-adapter"
-    save_bundle(model, out)
-    return out, old, _trainable(model)
-
-
-@pytest.fixture(scope="module")
 def predating_bundle(tmp_path_factory):
     """A bundle as prsmed wrote them before the record: format 1, no base.weights (the files' hashes still match)."""
     model = build_model("prsmed-tiny")
-    _train_stand_in(model, 4)
+    train_stand_in(model, 4)
     out = tmp_path_factory.mktemp("bundles") / "predating"
     save_bundle(model, out)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -142,14 +106,14 @@ def test_bundle_records_the_base_weights_and_its_card_names_them(old_bundle, cur
 def test_bundle_from_other_base_weights_is_refused_naming_both(old_bundle, current):
     out, old, _ = old_bundle
     model = build_model("prsmed-tiny")
-    before = _trainable(model)
+    before = trainable(model)
     with pytest.raises(BaseWeightsMismatch) as refused:
         load_bundle(out, model)
     message = str(refused.value)
     assert f"revision old (identity {old.identity[:12]})" in message
     assert f"revision {current.revision} (identity {current.identity[:12]})" in message
     assert "retrain" in message and "--allow-other-base-weights" in message
-    assert all(torch.equal(before[n], p) for n, p in _trainable(model).items())
+    assert all(torch.equal(before[n], p) for n, p in trainable(model).items())
 
 
 def test_the_override_loads_it_and_says_so(old_bundle, caplog):
@@ -158,7 +122,7 @@ def test_the_override_loads_it_and_says_so(old_bundle, caplog):
     with caplog.at_level(logging.WARNING, logger="prsmed.model.bundle"):
         load_bundle(out, model, allow_other_base_weights=True)
     assert "loading it anyway" in caplog.text
-    got = _trainable(model)
+    got = trainable(model)
     assert all(torch.equal(got[n], trained[n]) for n in trained)
 
 

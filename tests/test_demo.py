@@ -16,16 +16,13 @@ from PIL import Image
 from prsmed.data.synth import synthesize
 from prsmed_demo.app import BASE, example_images
 from prsmed_sdk import Client
-from serving import start_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("demo-serve"), "--grpc-port", "-1")
-    yield srv
-    srv.stop()
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +125,7 @@ def test_browser_uploads_an_image_asks_and_sees_the_overlay(server, tmp_path):
     assert picture.size[0] >= 800 and len(np.unique(np.asarray(picture.convert("L")))) > 10  # a rendered page, not blank
 
 
+@pytest.mark.slow
 def test_prsmed_demo_runs_alone_in_process(tmp_path):
     import subprocess
     import sys

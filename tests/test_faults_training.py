@@ -23,13 +23,8 @@ import torch
 
 from prsmed.train import EXIT_PREEMPTED
 from prsmed.train.checkpoint import CheckpointManager
-from test_trainer import (FAIL_SAVES_ENV, SIGTERM_DEADLINE_S, VENV_BIN, _driver, config, make_dataset, metrics, run,
-                          trained_state)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("data"))
+from small_training import (FAIL_SAVES_ENV, SIGTERM_DEADLINE_S, VENV_BIN, config, driver, metrics, run,
+                            trained_state)
 
 
 def fault_rng() -> tuple[int, random.Random]:
@@ -99,6 +94,7 @@ def single_process_args(script: Path, spec: Path, data: Path, out: Path, *extra:
             "--min-lr", "1e-5", *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_at_arbitrary_moments_then_resume_matches_an_uninterrupted_run(tmp_path, data):
     seed, rng = fault_rng()
     straight = tmp_path / "straight"
@@ -106,7 +102,7 @@ def test_sigkill_at_arbitrary_moments_then_resume_matches_an_uninterrupted_run(t
     total = last_step(straight)
     assert total == 12
 
-    script, spec = _driver(tmp_path)
+    script, spec = driver(tmp_path)
     out = tmp_path / "killed"
     log = (tmp_path / "trainer.log").open("ab")
     story = []
@@ -165,7 +161,7 @@ def test_two_ddp_processes_survive_sigterm_a_full_disk_sigkill_and_a_corrupt_che
     if not (VENV_BIN / "torchrun").exists():
         pytest.skip("torchrun is not installed next to this Python")
     seed, rng = fault_rng()
-    script, spec = _driver(tmp_path)
+    script, spec = driver(tmp_path)
     log = tmp_path / "torchrun.log"
 
     straight = tmp_path / "straight"

@@ -19,8 +19,7 @@ from prsmed.infer import Predictor
 from prsmed.infer.adapters import AdapterStore
 from prsmed.model.bundle import BundleError, save_bundle
 from prsmed.zoo import build_model
-from test_base_weights import old_bundle  # noqa: F401 (a fixture)
-from test_predictor import perturbed_bundle, scan
+from samples import perturbed_bundle, scan
 
 ALICE, BOB = "hf_alice_0123456789abcdef", "hf_bob_0123456789abcdef"
 
@@ -143,6 +142,7 @@ def _cli(args, env, cwd):
                           cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_push_pull_and_offline_mode(hub, bundles, tmp_path):
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": ALICE, "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_OFFLINE", None)

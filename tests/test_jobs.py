@@ -18,7 +18,9 @@ from prsmed_sdk.models import JobInfo, JobRequest, TrainingReport
 from prsmed.data.synth import synthesize
 from prsmed.infer.adapters import AdapterStore
 from prsmed.model.bundle import verify_bundle
+from prsmed.train.config import TrainConfig
 
+from prsmed_service import job_worker
 from prsmed_service import jobs as jobs_mod
 
 from prsmed_service.auth import TOKEN_ENV
@@ -119,12 +121,18 @@ def test_requests_are_validated(tmp_path, store, dataset):
     (tmp_path / "adapters" / "published").mkdir()
     with pytest.raises(InvalidJob, match="'published' is already taken by an adapter"):
         jm.submit(request(dataset, name="published"))
-    cmd = jm._command(jm._db.one(job.id), Path("/d"), tmp_path / "run")
-    assert cmd[1:3] == ["-m", "prsmed.train"] and "--resume" not in cmd
-    assert cmd[cmd.index("--max-steps") + 1] == "7" and "--grad-checkpointing" in cmd and "--no-tensorboard" in cmd
+    fields = jm._worker_config(jm._db.one(job.id), Path("/d"), tmp_path / "run")
+    config = job_worker.write_config(tmp_path, fields)
+    cmd = job_worker.worker_command(sys.executable, config)
+    assert cmd[1:] == ["-m", "prsmed.train", "--config", str(config)]
+    handed = TrainConfig.model_validate_json(config.read_text())
+    assert (handed.max_steps, handed.grad_checkpointing, handed.tensorboard) == (7, True, False)
+    assert (handed.model, handed.data, handed.resume, handed.progress) == ("prsmed-tiny", Path("/d"), False, False)
 
 
-def test_every_accepted_option_is_a_trainer_flag():
+def test_every_config_field_is_a_cli_option_and_an_api_option(tmp_path, store, dataset):
+    """The CLI's options are derived from TrainConfig, and a job accepts every field but the few the service sets
+    itself or refuses (a shell command, say); betas among them, which the command line once lacked."""
     import typer
 
     from prsmed.train.cli import train
@@ -132,10 +140,18 @@ def test_every_accepted_option_is_a_trainer_flag():
     app = typer.Typer()
     app.command()(train)
     known = {o for p in typer.main.get_command(app).params for o in (*p.opts, *p.secondary_opts)}
-    for key, default in jobs_mod.train_options().items():
-        value = (not default) if isinstance(default, bool) else (default if default is not None else 1)
-        flag = jobs_mod.option_flags({key: value})[0]
-        assert flag in known, f"option {key} maps to {flag}, which `prsmed train` does not have"
+    for key in TrainConfig.model_fields:
+        assert "--" + key.replace("_", "-") in known, f"TrainConfig.{key} has no `prsmed train` option"
+    accepted = set(jobs_mod.train_options())
+    assert accepted == set(TrainConfig.model_fields) - jobs_mod.SERVICE_OPTIONS - set(jobs_mod.REQUEST_FIELDS) \
+        - set(jobs_mod.REFUSED_OPTIONS)
+    jm = manager(tmp_path, store)
+    job = jm.submit(request(dataset, betas=[0.8, 0.95]))
+    fields = jm._worker_config(jm._db.one(job.id), Path("/d"), tmp_path / "run")
+    config = job_worker.write_config(tmp_path, fields)
+    assert TrainConfig.model_validate_json(config.read_text()).betas == (0.8, 0.95)
+    with pytest.raises(InvalidJob, match="betas"):
+        jm.submit(request(dataset, betas=[0.8, 1.5]))
 
 
 def test_the_queue_bounds_orders_cancels_and_resumes(tmp_path, store, dataset):
@@ -230,7 +246,7 @@ def test_the_runs_report_reaches_the_job_typed_and_survives_an_older_table(tmp_p
     run.mkdir()
     report = report_of_a_run()
     (run / "summary.json").write_text(json.dumps({"status": "preempted", "step": 2, "report": report}))
-    worker = jobs_mod._Worker(proc=None, run=run, log=run / "worker.log", tail=MetricsTail(run / "metrics.jsonl"))
+    worker = job_worker.Worker(proc=None, run=run, log=run / "worker.log", tail=MetricsTail(run / "metrics.jsonl"))
     jm._finish(job.id, worker, jobs_mod.EXIT_PREEMPTED)
     info = jm.get(job.id)
     assert info.state == "preempted" and isinstance(info.report, TrainingReport)
@@ -394,7 +410,7 @@ def test_a_crashed_server_leaves_running_jobs_that_the_next_one_resumes(tmp_path
     done = JobInfo(**rest[-1].data)
     assert (done.state, done.step, done.attempts) == ("succeeded", LONG, 2)
     log = second.log_path(job.id).read_text()
-    assert "attempt 2" in log and "--resume" in log.split("attempt 2", 1)[1] and "resumed from" in log
+    assert "attempt 2 (resuming)" in log and "resumed from" in log
 
 
 @pytest.mark.slow
@@ -412,7 +428,7 @@ def test_stop_checkpoints_running_jobs_and_start_resumes_them(tmp_path, store, d
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert b"OMP_NUM_THREADS=1" in environ and b"MKL_NUM_THREADS=1" in environ
     assert not any(e.startswith(TOKEN_ENV.encode()) for e in environ)
-    assert os.getpriority(os.PRIO_PROCESS, pid) >= jobs_mod.WORKER_NICE
+    assert os.getpriority(os.PRIO_PROCESS, pid) >= job_worker.WORKER_NICE
     jm.stop(timeout=120)
     paused = jm.get(job.id)
     assert paused.state == "interrupted" and paused.finished_at is None

@@ -80,7 +80,7 @@ def test_llava_registered_with_contract(llava):
     expected = get_registry().contract("llm", "llava")
     assert llava.contract == expected
     assert expected == LLMContract(hidden_size=64, vocab_size=768, image_size=96, image_tokens=144)
-    with pytest.raises(ComponentError, match="Accepted options: pretrained, config, preset, dtype"):
+    with pytest.raises(ComponentError, match="Accepted options: pretrained, config, preset, text_config, dtype"):
         create_component("llm", "llava", presets="tiny")
     with pytest.raises(ComponentError, match="only one of"):
         create_component("llm", "llava", preset="tiny", config={})
@@ -350,7 +350,7 @@ def _original_checkpoint(root: Path, fmt: str):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_convert_llava_med_matches_the_original_computation(tmp_path, fmt):
-    from prsmed_plugins.llms.convert_llava_med import convert_llava_med
+    from prsmed_plugins.converters.llava_med import convert_llava_med
 
     src, clip_dir, mistral, tower, projector = _original_checkpoint(tmp_path, fmt)
     dst = convert_llava_med(src, tmp_path / "converted", vision_tower_dir=clip_dir)
@@ -396,7 +396,7 @@ def test_convert_llava_med_matches_the_original_computation(tmp_path, fmt):
 
 def test_convert_llava_med_reports_what_is_missing(tmp_path):
     from prsmed.weights import CheckpointError
-    from prsmed_plugins.llms.convert_llava_med import convert_llava_med
+    from prsmed_plugins.converters.llava_med import convert_llava_med
 
     src, clip_dir, *_ = _original_checkpoint(tmp_path, "safetensors")
     with pytest.raises(CheckpointError, match="vision_tower_dir"):

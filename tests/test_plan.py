@@ -58,6 +58,7 @@ def catalogue(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_calibrate_estimate_is_within_15_percent_of_the_measured_peak():
     # A child process runs three real training steps of prsmed-tiny; its peak RSS is compared with the estimate.
     result = CliRunner().invoke(app, ["plan", "calibrate", "--only", "tiny b4", "--json"])
@@ -178,3 +179,28 @@ def test_attention_swap_applies_only_to_the_simulating_thread():
         worker.join()
     assert torch.allclose(results["out"], expected, atol=1e-5)
     assert F.scaled_dot_product_attention is original
+
+
+def test_the_planner_simulates_the_trainers_own_forward_and_loss(monkeypatch, tmp_path):
+    """The planner's simulation and the trainer both compute a step through prsmed.train.step.model_loss, so a
+    change to the forward or the loss reaches both; a planner with a copy of its own would fail here."""
+    from prsmed.data.synth import synthesize
+    from prsmed.train import TrainConfig, run_training, step
+
+    real, callers = step.model_loss, []
+
+    def spy(model, *args, **kwargs):
+        callers.append(type(args[0]).__name__)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(step, "model_loss", spy)
+    simulate(resolve_spec("prsmed-tiny", weights=False), batch=1, text_len=8, count_flops=False)
+    planned = len(callers)
+    assert planned >= 1, "the planner's simulation did not run the trainer's forward and loss"
+    data = tmp_path / "data"
+    synthesize(data, n=12, seed=3, size=64)
+    result = run_training(TrainConfig(model="prsmed-tiny", data=data, out=tmp_path / "run", max_steps=1, batch_size=2,
+                                      val_answer_rows=0, val_max_samples=2, progress=False, tensorboard=False,
+                                      tower_weight=0))
+    assert result.status == "completed", result.reason
+    assert len(callers) > planned, "the trainer's step did not go through prsmed.train.step.model_loss"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -11,39 +10,13 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from prsmed.infer import AdapterNotFound, BundleError, InvalidInput, PredictRequest, Predictor
-from prsmed.model.bundle import MANIFEST, save_bundle
-from prsmed.zoo import build_model
+from prsmed.model.bundle import MANIFEST
+from samples import perturbed_bundle, png, scan
 
 ZONES = {"top left", "top right", "bottom left", "bottom right", "center", "none"}
-
-
-def scan(seed: int = 0, size=(120, 100)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    arr = (rng.random((size[1], size[0])) * 60).astype(np.uint8)
-    y, x = rng.integers(10, size[1] - 30), rng.integers(10, size[0] - 30)
-    arr[y : y + 20, x : x + 22] = 210
-    return Image.fromarray(arr, mode="L").convert("RGB")
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def perturbed_bundle(out, seed: int, *, parts=("fusion_head", "lora")) -> None:
-    """A bundle whose weights differ from the base's, so its predictions differ too."""
-    model = build_model("prsmed-tiny")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and any(part in name for part in parts):
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    save_bundle(model, out)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +155,7 @@ def test_threads_with_different_adapters_get_their_own_answers(predictor):
         np.testing.assert_array_equal(r.mask, want.mask)
 
 
+@pytest.mark.slow
 def test_predict_cli(tmp_path):
     image = scan(11)
     image.save(tmp_path / "scan.png")

@@ -21,7 +21,7 @@ from prsmed_sdk import (AsyncClient, Busy, Client, InvalidInput, JobFailed, NotF
 from prsmed_sdk._common import SseParser, pack_dataset
 from prsmed_sdk.models import TrainingReport
 from serving import free_port, start_server
-from test_service import png_bytes
+from samples import png_bytes
 
 TOKEN = "sdk-test-token-0123456789"
 FAST = Retry(attempts=2, backoff=0.01, max_wait=0.05)

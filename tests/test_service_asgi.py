@@ -15,7 +15,6 @@ from PIL import Image
 from prsmed.data.synth import synthesize
 from prsmed.model.bundle import save_bundle
 from prsmed.zoo import build_model
-from test_base_weights import old_bundle  # noqa: F401 (a fixture)
 
 
 def png(seed=0) -> bytes:

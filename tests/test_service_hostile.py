@@ -18,8 +18,7 @@ import httpx
 import pytest
 
 from serving import predict_burst, start_server
-from test_service import png_bytes
-from test_service_jobs import dataset_zip
+from samples import dataset_zip, png_bytes
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -105,6 +104,7 @@ def test_a_large_upload_without_a_token_is_refused_before_its_size_matters(serve
 
 # --- schema-driven fuzzing ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(server):
     """Every documented operation, with examples that fit its schema and examples that break it; the server may
     refuse them (4xx) but never fail (5xx). POST /v1/plan is left out: each valid example there is a whole planner
@@ -214,6 +214,7 @@ def test_adapter_names_cannot_reach_outside_the_store(server):
 
 # --- load ------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_200_concurrent_predictions_all_succeed(server):
     n = 200
     burst = predict_burst(server.url, [png_bytes(seed=i) for i in range(n)], headers=AUTH)
@@ -260,6 +261,7 @@ def test_hub_tokens_are_not_echoed(server):
 
 # --- last: stopping, and what the server wrote ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_server_stops_cleanly_on_sigterm_even_with_a_connection_open(server):
     """An upload that never finishes (as an event stream or a browser on /ui never does) must not hold the server
     past its shutdown grace (10 s) plus the job shutdown."""

@@ -3,28 +3,15 @@ server killed mid-job and restarted, after which the interrupted job resumes and
 
 from __future__ import annotations
 
-import io
 import json
 import signal
 import time
-import zipfile
 
 import httpx
 import pytest
 
-from prsmed.data.synth import synthesize
+from samples import dataset_zip
 from serving import start_server
-
-
-def dataset_zip(tmp_path, n=16) -> bytes:
-    root = tmp_path / "ds"
-    synthesize(root, n=n, seed=5, size=64)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for path in root.rglob("*"):
-            if path.is_file():
-                z.write(path, path.relative_to(root).as_posix())
-    return buf.getvalue()
 
 
 def events(url: str, job_id: str, timeout: float = 600):

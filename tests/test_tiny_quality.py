@@ -10,15 +10,14 @@ import pytest
 from prsmed.data.layout import load_records
 from prsmed.data.synth import synthesize
 from prsmed.eval.runner import predict_records, summarize
-from prsmed.zoo import build_model, describe
+from prsmed.zoo import describe
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("fresh")
     synthesize(root, n=48, seed=2024, size=256, split_fractions=(0.0, 0.0, 1.0))
-    model = build_model("prsmed-tiny")
-    return summarize(predict_records(model, load_records(root, split="test"), batch_size=16))
+    return summarize(predict_records(tiny_model, load_records(root, split="test"), batch_size=16))
 
 
 def test_tiny_weights_ship_with_the_package():
@@ -54,10 +53,10 @@ def test_tiny_answers_in_whole_sentences(report_rows):
 
 
 @pytest.fixture(scope="module")
-def report_rows(tmp_path_factory):
+def report_rows(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("fresh-rows")
     synthesize(root, n=24, seed=2025, size=256, split_fractions=(0.0, 0.0, 1.0), no_lesion_fraction=0.3)
-    return predict_records(build_model("prsmed-tiny"), load_records(root, split="test"), batch_size=12)
+    return predict_records(tiny_model, load_records(root, split="test"), batch_size=12)
 
 
 def test_tiny_says_when_there_is_no_lesion(report_rows):

@@ -27,7 +27,7 @@ from prsmed.train.answer_eval import AnswerTally, repeats_a_word, score_answers
 from prsmed.train.checkpoint import CheckpointManager
 from prsmed.train.report import combined_score, format_report
 from prsmed.weights import read_state_dict
-from test_trainer import (SPEC, StandInPlugin, VENV_BIN, _build_standin_llm, _standin_llm_contract, build_small,
+from small_training import (SPEC, StandInPlugin, VENV_BIN, _build_standin_llm, _standin_llm_contract, build_small,
                           config, make_dataset, metrics, registry)
 
 TESTS = Path(__file__).parent
@@ -138,14 +138,13 @@ def test_repeated_words_and_tallies_add_up():
     assert AnswerTally().metrics()["zone_acc_text"] is None
 
 
-def test_prsmed_tiny_answers_are_scored_and_cut_answers_are_counted(tmp_path):
+def test_prsmed_tiny_answers_are_scored_and_cut_answers_are_counted(tmp_path, tiny_model):
     from prsmed.data.layout import load_records
     from prsmed.data.synth import synthesize
     from prsmed.train.data import RecordDataset, collate
-    from prsmed.zoo import build_model
 
     synthesize(tmp_path / "d", n=4, seed=3, split_fractions=(1.0, 0.0, 0.0))  # at the size the model knows
-    model = build_model("prsmed-tiny").eval()
+    model = tiny_model
     ds = RecordDataset(list(load_records(tmp_path / "d")), mask_size=model.contracts["vision_encoder"].input_size)
     batch = collate([ds[i] for i in range(len(ds))])
     full = score_answers(model, batch.images, batch.questions, batch.masks, batch.indices, max_new_tokens=48)

@@ -15,7 +15,7 @@ import torch
 from prsmed.components import ComponentError
 from prsmed.registry import create_component, get_registry, list_components
 from prsmed.weights import CheckpointError, write_state_dict
-from prsmed_plugins.vision_encoders import sam_vit, tinyvit
+from prsmed_plugins.vision_encoders import sam_vit, tinysam
 
 TINY = dict(
     img_size=128, embed_dims=[16, 32, 40, 64], depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
@@ -148,7 +148,7 @@ def test_relative_offset_index_matches_first_seen_offset_order():
         points = [(r, c) for r in range(window) for c in range(window)]
         seen: dict[tuple[int, int], int] = {}
         expected = [[seen.setdefault((abs(a[0] - b[0]), abs(a[1] - b[1])), len(seen)) for b in points] for a in points]
-        assert torch.equal(tinyvit.relative_offset_index(window), torch.tensor(expected))
+        assert torch.equal(tinysam.relative_offset_index(window), torch.tensor(expected))
 
 
 def test_tinysam_default_forward_at_1024():
@@ -215,17 +215,17 @@ def authors_layout(module):
     ],
 )
 def test_detect_layout(keys, layout):
-    assert tinyvit.detect_layout(keys) == layout
+    assert tinysam.detect_layout(keys) == layout
 
 
 def test_detect_layout_refuses_other_checkpoints():
     with pytest.raises(CheckpointError, match="not a TinySAM image-encoder checkpoint.*found model.embed_tokens"):
-        tinyvit.detect_layout(["model.embed_tokens.weight", "lm_head.weight"])
+        tinysam.detect_layout(["model.embed_tokens.weight", "lm_head.weight"])
 
 
 def test_split_strips_a_distributed_wrapper_prefix(tiny_source):
     wrapped = {f"module.{k}": v for k, v in official_layout(tiny_source).items()}
-    split = tinyvit.split_checkpoint(wrapped)
+    split = tinysam.split_checkpoint(wrapped)
     assert split.layout == "sam" and set(split.state) == set(tiny_source.state_dict())
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from prsmed.components import ComponentError, LLMContract, parse_options
+from prsmed.components import ComponentError, ComponentSpec, LLMContract, parse_options
 from prsmed.interfaces import LLMBackbone, LLMInputs, LLMOutput
 from prsmed.weights import load_strict, read_state_dict
 
@@ -156,6 +156,10 @@ class HFBackbone(LLMBackbone):
         self._tokenizer = None
         self._tokenizer_path = tokenizer_path
         self._missing_tokenizer = missing_tokenizer
+
+    def text_model(self) -> torch.nn.Module | None:
+        getter = getattr(self.model, "get_decoder", None)
+        return getter() if callable(getter) else None
 
     # tokenizer ----------------------------------------------------------------------------------------------------
     @property
@@ -525,3 +529,15 @@ class CausalLMBackbone(HFBackbone):
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         return super()._prompt_ids(prompt.replace(IMAGE_PLACEHOLDER, ""))
+
+
+SPEC = ComponentSpec(
+    kind="llm",
+    name="hf-causal-lm",
+    build=build_causal_lm,
+    contract=causal_lm_contract,
+    description=(
+        "a text-only transformers causal LM (Mistral, Llama, Qwen2, ...); no image path; options: "
+        "pretrained, config + model_type, preset ('tiny'), dtype, checkpoint, tokenizer"
+    ),
+)

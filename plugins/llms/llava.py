@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from prsmed.components import ComponentError, LLMContract, parse_options
+from prsmed.components import ComponentError, ComponentSpec, LLMContract, parse_options
 
 from .causal_lm import (
     TORCH_DTYPES,
@@ -105,7 +105,7 @@ GET_LLAVA_MED = (
     "download microsoft/llava-med-v1.5-mistral-7b (config.json, the model*.safetensors or pytorch_model*.bin "
     "shards, tokenizer.model, tokenizer_config.json, special_tokens_map.json) and openai/clip-vit-large-patch14-336 "
     "(config.json, preprocessor_config.json, model.safetensors or pytorch_model.bin), convert them with "
-    "`prsmed convert llava-med SRC DST` (Python: prsmed_plugins.llms.convert_llava_med.convert_llava_med(SRC, DST, "
+    "`prsmed convert llava-med SRC DST` (Python: prsmed_plugins.converters.llava_med.convert_llava_med(SRC, DST, "
     "vision_tower_dir=CLIP_DIR)), then pass pretrained=DST"
 )
 
@@ -118,6 +118,9 @@ class LlavaOptions(BaseModel):
     pretrained: str | None = None
     config: dict[str, Any] | None = None
     preset: Literal["tiny", "llava-med-v1.5-mistral-7b"] | None = None
+    # Changes to the preset's text model (``{"hidden_size": 256, "num_hidden_layers": 4}``): another shape of the
+    # same family without restating the whole config; the planner's calibration uses it for a wider tiny model.
+    text_config: dict[str, Any] | None = None
     dtype: DType = "float32"
     checkpoint: str | None = None
     tokenizer: str | None = None
@@ -127,6 +130,9 @@ def _options(options: dict[str, Any]) -> LlavaOptions:
     opts = parse_options(COMPONENT, LlavaOptions, options)
     if one_source(COMPONENT, pretrained=opts.pretrained, config=opts.config, preset=opts.preset) is None:
         opts = opts.model_copy(update={"preset": "tiny"})
+    if opts.text_config and opts.preset is None:
+        raise ComponentError(f"{COMPONENT}: text_config= changes a preset's text model; with pretrained= or config= "
+                             "it would be ignored (put the change in config= instead)")
     return opts
 
 
@@ -164,6 +170,8 @@ def llava_config(opts: LlavaOptions):
                 f"({str(e).splitlines()[0]}); to use LLaVA-Med, {GET_LLAVA_MED}"
             ) from e
     raw = copy.deepcopy(PRESETS[opts.preset] if opts.preset is not None else opts.config or {})
+    if opts.text_config:
+        raw["text_config"] = {**raw.get("text_config", {}), **opts.text_config}
     try:
         return LlavaConfig(**raw)
     except (ValueError, TypeError, KeyError) as e:
@@ -329,3 +337,16 @@ class LlavaBackbone(HFBackbone):
 
     def _pixel_dtype(self) -> torch.dtype:
         return next(self.model.base_model.vision_tower.parameters()).dtype
+
+
+SPEC = ComponentSpec(
+    kind="llm",
+    name="llava",
+    build=build_llava,
+    contract=llava_contract,
+    description=(
+        "LLaVA (CLIP tower + MLP projector + Mistral-style text model) via transformers; presets 'tiny' "
+        "(default, shipped tokenizer) and 'llava-med-v1.5-mistral-7b' (LLaVA-Med v1.5, weights via "
+        "`prsmed convert llava-med`); options: pretrained, config, preset, text_config, dtype, checkpoint, tokenizer"
+    ),
+)

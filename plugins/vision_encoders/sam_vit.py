@@ -1,4 +1,5 @@
-"""SAM's ViT image encoder, as implemented by transformers (``SamVisionEncoder``), behind the vision-encoder interface.
+"""``vision_encoder/sam-vit``: SAM's ViT image encoder, as implemented by transformers (``SamVisionEncoder``),
+behind the vision-encoder interface; its options, checkpoint layouts, contract and builder.
 
 The module holds the encoder under the attribute ``vision_encoder``, so its state dict uses the same names as
 transformers' ``SamModel`` and ``SamVisionModel`` (``vision_encoder.layers.0.attn.qkv.weight`` ...). transformers is
@@ -10,16 +11,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from prsmed.components import ComponentError, VisionEncoderContract
+from prsmed import checkpoint_layouts as layouts
+from prsmed.checkpoint_layouts import Layout, SplitCheckpoint
+from prsmed.components import ComponentError, ComponentSpec, VisionEncoderContract, parse_options
 from prsmed.interfaces import VisionEncoder
-from prsmed.weights import CheckpointError, LoadReport
+from prsmed.weights import CheckpointError, LoadReport, load_strict, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +182,7 @@ def build_module(opts: SamViTOptions, config) -> tuple[SamViTEncoder, LoadReport
             )
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load SAM vision weights from {opts.pretrained!r}: {e}") from e
-    _, skipped = LAYOUTS["transformers"]
+    skipped = next(layout.skipped for layout in LAYOUTS if layout.name == "transformers")
     unexpected = sorted(info.get("unexpected_keys") or ())
     problems = {
         "missing": sorted(info.get("missing_keys") or ()),
@@ -215,40 +217,6 @@ _ORIGINAL_RENAMES = [
     (re.compile(r"^neck\.3\."), "neck.layer_norm2."),
 ]
 
-#: layout name -> (prefix of the encoder tensors, prefixes of tensors that belong to other modules and are skipped)
-LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    # transformers SamModel / SamVisionModel state dicts, and this module's own.
-    "transformers": ("vision_encoder.", ("prompt_encoder.", "mask_decoder.", "shared_image_embedding.")),
-    # segment-anything's sam_vit_*.pth: a full SAM state dict with the original module names.
-    "segment-anything": ("image_encoder.", ("prompt_encoder.", "mask_decoder.")),
-    # A bare SamVisionEncoder state dict.
-    "encoder": ("", ()),
-}
-
-
-@dataclass
-class SplitCheckpoint:
-    layout: str
-    state: dict[str, torch.Tensor]
-    ignored: list[str] = field(default_factory=list)
-
-
-def detect_layout(keys) -> str:
-    keys = list(keys)
-    if any(k.startswith("vision_encoder.") for k in keys):
-        return "transformers"
-    if any(k.startswith("image_encoder.") for k in keys):
-        return "segment-anything"
-    if any(k.startswith("patch_embed.projection.") for k in keys):
-        return "encoder"
-    shown = ", ".join(keys[:5]) or "no keys at all"
-    raise CheckpointError(
-        "not a SAM ViT image-encoder checkpoint: expected keys under 'vision_encoder.' (transformers SamModel / "
-        "SamVisionModel, or this encoder's own state dict), 'image_encoder.' (segment-anything sam_vit_*.pth) or "
-        f"'patch_embed.projection.' (a bare SamVisionEncoder); found {shown}"
-    )
-
-
 def _rename_original(key: str) -> str:
     for pattern, repl in _ORIGINAL_RENAMES:
         new, n = pattern.subn(repl, key)
@@ -257,20 +225,56 @@ def _rename_original(key: str) -> str:
     return key
 
 
+LAYOUTS: tuple[Layout, ...] = (
+    # transformers SamModel / SamVisionModel state dicts, and this module's own.
+    Layout("transformers", "vision_encoder.", "transformers SamModel / SamVisionModel, or this encoder's own state "
+           "dict", prefix="vision_encoder.", add="vision_encoder.",
+           skipped=("prompt_encoder.", "mask_decoder.", "shared_image_embedding.")),
+    # segment-anything's sam_vit_*.pth: a full SAM state dict with the original module names.
+    Layout("segment-anything", "image_encoder.", "segment-anything sam_vit_*.pth", prefix="image_encoder.",
+           add="vision_encoder.", rename=_rename_original, skipped=("prompt_encoder.", "mask_decoder.")),
+    # A bare SamVisionEncoder state dict.
+    Layout("encoder", "patch_embed.projection.", "a bare SamVisionEncoder", add="vision_encoder."),
+)
+WHAT = "SAM ViT image-encoder"
+
+
+def detect_layout(keys) -> str:
+    return layouts.detect_layout(keys, LAYOUTS, what=WHAT).name
+
+
 def split_checkpoint(state: Mapping[str, torch.Tensor]) -> SplitCheckpoint:
     """Map ``state`` onto :class:`SamViTEncoder` names; keys of other SAM parts are listed as ignored, unknown
     keys pass through so the strict load refuses them by name."""
-    layout = detect_layout(state)
-    prefix, skipped = LAYOUTS[layout]
-    kept: dict[str, torch.Tensor] = {}
-    ignored: list[str] = []
-    for key, tensor in state.items():
-        if any(key.startswith(p) for p in skipped):
-            ignored.append(key)
-        elif layout == "segment-anything" and key.startswith(prefix):
-            kept["vision_encoder." + _rename_original(key[len(prefix):])] = tensor
-        elif layout == "encoder":
-            kept["vision_encoder." + key] = tensor
-        else:
-            kept[key] = tensor
-    return SplitCheckpoint(layout=layout, state=kept, ignored=ignored)
+    return layouts.split_checkpoint(state, LAYOUTS, what=WHAT)
+
+
+# --- the component: contract, builder ---------------------------------------------------------------------------
+
+def sam_vit_contract(**options: Any) -> VisionEncoderContract:
+    opts = parse_options("vision_encoder/sam-vit", SamViTOptions, options)
+    return contract_for(build_config(opts))
+
+
+def build_sam_vit(**options: Any) -> SamViTEncoder:
+    opts = parse_options("vision_encoder/sam-vit", SamViTOptions, options)
+    config = build_config(opts)
+    module, report = build_module(opts, config)
+    module.load_report = report
+    module.contract = contract_for(config)
+    if opts.checkpoint is not None:
+        source = str(opts.checkpoint)
+        split = split_checkpoint(read_state_dict(opts.checkpoint))
+        module.load_report = load_strict(module, split.state, source=f"{source} ({split.layout} layout)",
+                                         ignored=split.ignored)
+    return module
+
+
+SPEC = ComponentSpec(
+    kind="vision_encoder",
+    name="sam-vit",
+    build=build_sam_vit,
+    contract=sam_vit_contract,
+    description="SAM ViT image encoder (transformers SamVisionEncoder, ViT-B by default), 1024x1024 -> 256x64x64; "
+                "pretrained= a local directory or Hub id",
+)

@@ -8,7 +8,6 @@ step time is predicted from its FLOPs at that rate.
 
 from __future__ import annotations
 
-import copy
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,12 +49,9 @@ def config_spec(cfg: Config) -> ModelSpec:
         spec.vision_encoder.options["img_size"] = cfg.image_size
     if cfg.wide_llm:
         # A text model 4x wider and twice as deep as the tiny one: another shape of LLM, with 9x its frozen weights.
-        from prsmed_plugins.llms.llava import PRESETS
-
-        config = copy.deepcopy(PRESETS["tiny"])
-        config["text_config"].update(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                     num_attention_heads=8, num_key_value_heads=2)
-        spec.llm.options = {"config": config}
+        spec.llm.options = {**spec.llm.options, "text_config": {
+            "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
+            "num_key_value_heads": 2}}
         spec.fusion_head.options["prompt_dim"] = 256
     return spec
 

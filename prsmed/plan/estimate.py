@@ -110,17 +110,28 @@ def _disk_key(*parts: Any) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _code_fingerprint() -> str:
-    """A hash of the code a simulation runs (the library and the built-in plugins), so an edited or upgraded
-    install never reads an older result. A third-party plugin's code is not in it: clear the cache after
-    changing one."""
-    import prsmed
-    import prsmed_plugins
+    """A hash of the code a simulation runs (the library and every registered plugin's package, built-in or
+    third-party), so an edited or upgraded install never reads an older result."""
+    import sys
 
+    import prsmed
+    from prsmed.registry import get_registry
+
+    registry = get_registry()
+    registry.load()
+    roots = {Path(prsmed.__file__).parent}
+    for plugin in registry.pm.get_plugins():
+        name = plugin.__name__ if isinstance(plugin, type(sys)) else type(plugin).__module__
+        top = sys.modules.get(name.split(".")[0])
+        source = getattr(top, "__file__", None)
+        if source:
+            path = Path(source)
+            roots.add(path.parent if path.name == "__init__.py" else path)
     digest = hashlib.sha256()
-    for package in (prsmed, prsmed_plugins):
-        root = Path(package.__file__).parent
-        for path in sorted(root.rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode())
+    for root in sorted(roots):
+        files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+        for path in files:
+            digest.update(path.relative_to(root.parent).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
 

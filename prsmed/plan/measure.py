@@ -72,7 +72,7 @@ def _measure_here(spec_json: str, batch: int, text_len: int, precision: str, gra
 
     from prsmed.plan.simulate import autocast_for, forward_loss, synthetic_batch
     from prsmed.registry import get_registry
-    from prsmed.train.trainer import apply_dtype_policy, enable_grad_checkpointing
+    from prsmed.train.device import apply_dtype_policy, enable_grad_checkpointing
     from prsmed.zoo import build_model
 
     get_registry()

@@ -35,8 +35,6 @@ from torch.utils._pytree import tree_leaves
 
 from prsmed.model.spec import ModelSpec
 
-
-LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "4bit": torch.bfloat16}
 PRECISIONS = ("fp32", "bf16", "fp16", "4bit")
 
 
@@ -214,7 +212,7 @@ def _fakeify(model: torch.nn.Module) -> None:
 
 def _quantizable_params(model) -> int:
     """Frozen weights a 4-bit base would quantise: the text model's linear layers (not embeddings, not lm_head)."""
-    text = _text_model(model.llm)
+    text = model.llm.text_model()
     if text is None:
         return 0
     total = 0
@@ -222,15 +220,6 @@ def _quantizable_params(model) -> int:
         if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
             total += module.weight.numel()
     return total
-
-
-def _text_model(llm) -> torch.nn.Module | None:
-    hf = getattr(llm, "model", None)
-    getter = getattr(hf, "get_decoder", None)
-    if callable(getter):
-        with contextlib.suppress(Exception):
-            return getter()
-    return None
 
 
 def _optimizer(params: list[torch.nn.Parameter], device: str) -> torch.optim.Optimizer:
@@ -292,19 +281,18 @@ def synthetic_batch(model, batch: int, text_len: int, *, train: bool) -> Synthet
 
 
 def forward_loss(model, b: SyntheticBatch, autocast) -> torch.Tensor:
-    """The trainer's forward and loss (Trainer._run_model and total_loss) on a synthetic batch."""
-    from prsmed.train.losses import LossWeights, total_loss
+    """The trainer's own forward and loss (prsmed.train.step.model_loss) on a synthetic batch."""
+    from prsmed.train.losses import LossWeights
+    from prsmed.train.step import model_loss
 
-    with autocast:
-        out = model(b.pixels, b.inputs)
-    loss, _ = total_loss(out.mask_logits.float(), b.masks, out.lm_loss, out.modality_logits, b.modality, epoch=0,
-                         weights=LossWeights())
-    return loss
+    return model_loss(model, b.pixels, b.inputs, b.masks, b.modality, epoch=0, weights=LossWeights(),
+                      autocast=autocast)[0]
 
 
 def autocast_for(precision: str, device_type: str = "cpu"):
-    low = LOW_DTYPES.get(precision)
-    return torch.autocast(device_type, dtype=low) if low is not None else contextlib.nullcontext()
+    from prsmed.train.device import autocast
+
+    return autocast(precision, device_type)
 
 
 def _tower_flops(model, batch: int) -> int:
@@ -312,22 +300,17 @@ def _tower_flops(model, batch: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     c = model.contracts["llm"]
-    if not c.image_tokens:
+    if not c.image_tokens or model.llm.image_path() is None:
         return 0
-    base = getattr(getattr(model.llm, "model", None), "base_model", None)
-    features = getattr(base, "get_image_features", None)
-    if not callable(features):
-        return 0
-    dtype = next(model.llm.parameters()).dtype
-    pixels = torch.zeros(batch, 3, c.image_size, c.image_size, dtype=dtype)
+    pixels = torch.zeros(batch, 3, c.image_size, c.image_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        features(pixel_values=pixels)
+        model.llm.image_features(pixels)
     return int(counter.get_total_flops())
 
 
 def build_meta_model(spec: ModelSpec, *, grad_checkpointing: bool):
     """The model of ``spec`` on the meta device, with the trainer's gradient checkpointing switch applied."""
-    from prsmed.train.trainer import enable_grad_checkpointing
+    from prsmed.train.device import enable_grad_checkpointing
     from prsmed.zoo import build_model
 
     model = build_model(spec, weights=False, device="meta")
@@ -352,7 +335,7 @@ def simulate(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from prsmed.train.trainer import apply_dtype_policy
+    from prsmed.train.device import apply_dtype_policy
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")

@@ -6,7 +6,7 @@ imported on first use, so the CLI's command module stays light.
 
 from prsmed._lazy import lazy_exports
 
-_WHERE = {"TrainConfig": "config", **{name: "trainer" for name in (
-    "EXIT_CODES", "EXIT_PREEMPTED", "RunResult", "Trainer", "TrainingError", "run_training")}}
+_WHERE = {"TrainConfig": "config", "Trainer": "trainer", "run_training": "trainer",
+          **{name: "lifecycle" for name in ("EXIT_CODES", "EXIT_PREEMPTED", "RunResult", "TrainingError")}}
 __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -1,17 +1,26 @@
 """``prsmed train``: the command-line face of :class:`~prsmed.train.config.TrainConfig`.
 
+Every option is derived from a TrainConfig field (its name, type, bounds and description), so each field a
+configuration has can be set here as it can through the service's API and the SDK; ``--config FILE`` reads a whole
+configuration as JSON (what a service job hands its worker), and options given beside it override its fields.
+
 Mount with ``app.command("train")(train)``; ``python -m prsmed.train`` runs it alone (that is what torchrun runs).
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from pydantic import ValidationError
 
+from prsmed.train.config import TrainConfig
 from prsmed.validation import as_flag, validation_problems
 
 EXIT_BAD_OPTIONS = 2
@@ -22,81 +31,71 @@ def _fail(message: str) -> None:
     raise typer.Exit(EXIT_BAD_OPTIONS)
 
 
-def train(
-    model: str = typer.Option(..., "--model", help="Zoo model name (prsmed zoo list) or a ModelSpec JSON file."),
-    data: Path = typer.Option(..., "--data", help="Dataset root (PRS-Med layout)."),
-    out: Path = typer.Option(..., "--out", help="Run directory: checkpoints/, metrics.jsonl, tb/, adapter/."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the model's fine-tuning default, see "
-                                                    "`prsmed zoo show`; the paper: 20)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Rows per micro-batch, per process (paper: 8)."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    lr: Optional[float] = typer.Option(None, help="AdamW learning rate (default: the model's; the paper: 1e-4)."),
-    min_lr: float = typer.Option(1e-6, "--min-lr", help="Cosine floor."),
-    weight_decay: float = typer.Option(1e-5, "--weight-decay", help="AdamW weight decay."),
-    adam_eps: float = typer.Option(1e-6, "--adam-eps", help="AdamW epsilon."),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Global gradient-norm clip; 0 disables."),
-    seed: int = typer.Option(42, help="Seed for weights init, data order and dropout."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap on optimizer steps (the cosine ends there; "
-                                            "default: the model's, unless --epochs is given)."),
-    seg_weight: float = typer.Option(1.0, "--seg-weight", help="Weight of the structure (mask) loss."),
-    lm_weight: float = typer.Option(1.0, "--lm-weight", help="Weight of the LM loss on answer tokens."),
-    dice_weight: float = typer.Option(0.0, "--dice-weight", help="Extra soft-Dice term in the mask loss."),
-    cls_weight: float = typer.Option(0.5, "--cls-weight", help="Modality-classifier weight in early epochs."),
-    cls_epochs: int = typer.Option(5, "--cls-epochs", help="Epochs during which the classifier loss counts."),
-    tower_weight: Optional[float] = typer.Option(
-        None, "--tower-weight", help="Weight of the tower-probe loss that teaches the LLM's image tower a new look "
-        "from the masks (default: the model's; prsmed-tiny 1, the paper's model 0 = off)."),
-    tower_lr: Optional[float] = typer.Option(
-        None, "--tower-lr", help="Learning rate of the LLM's image tower and projector when the model trains them "
-        "(default: the model's; otherwise --lr)."),
-    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that has it)."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing/--no-grad-checkpointing",
-                                            help="Recompute LLM activations in backward to save memory."),
-    cast_frozen: bool = typer.Option(True, "--cast-frozen/--no-cast-frozen",
-                                     help="On GPU, keep the frozen base LLM in the low-precision dtype."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction",
-                                       help="Share of train images held out when the data has no val split."),
-    val_max_samples: Optional[int] = typer.Option(None, "--val-max-samples", help="Validate on at most N rows."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Also validate every N steps."),
-    early_stop_patience: Optional[int] = typer.Option(
-        None, "--early-stop-patience", help="Stop after N evaluations without a better validation score."),
-    early_stop_min_delta: float = typer.Option(0.0, "--early-stop-min-delta",
-                                               help="Smallest gain of the validation score that counts."),
-    val_answer_rows: int = typer.Option(32, "--val-answer-rows",
-                                        help="Validation rows whose generated answers are scored (0: masks only)."),
-    val_max_new_tokens: int = typer.Option(48, "--val-max-new-tokens",
-                                           help="Length limit of a generated validation answer, in tokens."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (and each epoch)."),
-    keep_last: int = typer.Option(3, "--keep-last", help="Checkpoints kept (the best one is kept too)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest good checkpoint in --out."),
-    adapter_weights: str = typer.Option("best", "--adapter-weights", help="best or last: weights for RUN/adapter."),
-    max_hours: Optional[float] = typer.Option(None, "--max-hours", help="Stop cleanly after H hours of training."),
-    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Stop cleanly before spending USD."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU name for --max-cost prices (provisional table)."),
-    usd_per_hour: Optional[float] = typer.Option(None, "--usd-per-hour", help="What this run costs per hour."),
-    on_finish: Optional[str] = typer.Option(None, "--on-finish", help="Shell command to run when the run ends."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after",
-                                             help="Stop resumably (exit 75) after N steps of this invocation."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes."),
-    log_every: int = typer.Option(1, "--log-every", help="Write metrics every N steps."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="Write TensorBoard events."),
-) -> None:
-    """Fine-tune a PRS-Med model (LoRA on the LLM, vision encoder and fusion head trained).
+def _plain(annotation: Any) -> Any:
+    """``int | None`` -> ``int``: the CLI's None already means "not given"."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
 
-    Exit status: 0 done (completed, early-stopped or budget reached), 75 preempted/paused with a checkpoint
-    (rerun with --resume), 1 failed, 2 bad options.
-    """
-    options = dict(locals())  # first, so it holds exactly the options
-    from prsmed.train.config import TrainConfig
+
+def _parameter(name: str, field) -> inspect.Parameter:
+    kind = _plain(field.annotation)
+    flag = "--" + name.replace("_", "-")
+    description = (field.description or "").rstrip(".")
+    help_text = description[:1].upper() + description[1:] + "."
+    if not field.is_required() and field.default is not None and "default" not in description:
+        help_text += f" Default: {_shown(field.default)}."
+    if kind is bool:
+        option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+        annotation: Any = Optional[bool]
+    elif typing.get_origin(kind) is tuple:
+        option = typer.Option(None, flag, help=help_text, show_default=False)
+        annotation = Optional[tuple[typing.get_args(kind)]]  # type: ignore[misc]
+    else:
+        option = typer.Option(None, flag, help=help_text, show_default=False)
+        annotation = Optional[kind]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user typed (not defaults), as TrainConfig fields."""
+    # By name: typer may carry its own copy of click, whose enum is not click's.
+    return {name: value for name, value in values.items()
+            if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        _fail(f"--config: cannot read {path} ({e.strerror or e})")
+    except json.JSONDecodeError as e:
+        _fail(f"--config: {path} is not JSON ({e.msg} at line {e.lineno})")
+    if not isinstance(raw, dict):
+        _fail(f"--config: {path} holds a JSON {type(raw).__name__}, expected an object of training options")
+    return raw
+
+
+def _train(ctx: typer.Context, config: Optional[Path], **options: Any) -> None:
     from prsmed.train.trainer import run_training
 
+    fields = _read_config(config) if config is not None else {}
+    fields.update(_given(ctx, options))
     try:
-        config = TrainConfig(**options)
+        cfg = TrainConfig(**fields)
     except ValidationError as e:
         _fail(validation_problems(e, as_flag))
-    result = run_training(config)
+    result = run_training(cfg)
     if result.status == "failed":
         typer.echo(f"error: {result.reason}", err=True)
     elif result.report and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one table, not one per process
@@ -104,3 +103,27 @@ def train(
 
         typer.echo(format_report(result.report))
     raise typer.Exit(result.exit_code)
+
+
+def _build_train():
+    def train(ctx: typer.Context, config: Optional[Path] = None, **options: Any) -> None:
+        """Fine-tune a PRS-Med model (LoRA on the LLM, vision encoder and fusion head trained).
+
+        --model, --data and --out are required, on the command line or in --config. Exit status: 0 done
+        (completed, early-stopped or budget reached), 75 preempted/paused with a checkpoint (rerun with --resume),
+        1 failed, 2 bad options.
+        """
+        _train(ctx, config, **options)
+
+    params = [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+            None, "--config", help="A JSON file of training options (TrainConfig fields); options given here "
+            "override its values.", show_default=False)),
+        *(_parameter(name, field) for name, field in TrainConfig.model_fields.items()),
+    ]
+    train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return train
+
+
+train = _build_train()

@@ -57,47 +57,52 @@ class TrainConfig(BaseModel):
         return given
 
     # what and where
-    model: str = Field(description="zoo name (see `prsmed zoo list`) or a path to a ModelSpec JSON file")
+    model: str = Field(description="zoo model name (prsmed zoo list) or a path to a ModelSpec JSON file")
     data: Path = Field(description="dataset root in the PRS-Med layout")
-    out: Path = Field(description="run directory: checkpoints, metrics, TensorBoard events, final adapter")
+    out: Path = Field(description="run directory: checkpoints/, metrics.jsonl, tb/, adapter/")
 
     # the recipe
-    epochs: int = Field(20, gt=0)
-    batch_size: int = Field(8, gt=0, description="per process")
+    epochs: int = Field(20, gt=0, description="epochs (default: the model's fine-tuning default, see `prsmed zoo "
+                        "show`; the paper: 20)")
+    batch_size: int = Field(8, gt=0, description="rows per micro-batch, per process (the paper: 8)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (default: the model's; the paper: 1e-4)")
     min_lr: float = Field(1e-6, ge=0, description="cosine floor (eta_min)")
-    weight_decay: float = Field(1e-5, ge=0)
-    adam_eps: float = Field(1e-6, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
-    seed: int = 42
-    max_steps: int | None = Field(None, gt=0, description="cap on optimizer steps; the cosine then ends there")
+    weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay")
+    adam_eps: float = Field(1e-6, gt=0, description="AdamW epsilon")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, two numbers")
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 disables")
+    seed: int = Field(42, description="seed for weights init, data order and dropout")
+    max_steps: int | None = Field(None, gt=0, description="cap on optimizer steps; the cosine then ends there "
+                                  "(default: the model's, unless epochs is given)")
 
     # losses
-    seg_weight: float = Field(1.0, ge=0)
-    lm_weight: float = Field(1.0, ge=0)
-    dice_weight: float = Field(0.0, ge=0)
-    cls_weight: float = Field(0.5, ge=0)
-    cls_epochs: int = Field(5, ge=0)
+    seg_weight: float = Field(1.0, ge=0, description="weight of the structure (mask) loss")
+    lm_weight: float = Field(1.0, ge=0, description="weight of the LM loss on answer tokens")
+    dice_weight: float = Field(0.0, ge=0, description="extra soft-Dice term in the mask loss")
+    cls_weight: float = Field(0.5, ge=0, description="modality-classifier weight in the early epochs")
+    cls_epochs: int = Field(5, ge=0, description="epochs during which the classifier loss counts")
     # The LLM's image tower, taught a new look from the masks through the model's tower probe
     # (prsmed/train/tower_probe.py). Off in the paper's recipe, which leaves LLaVA-Med's tower frozen.
-    tower_weight: float = Field(0.0, ge=0, description="weight of the tower-probe loss (needs a model that ships "
-                                "a tower probe and LoRA on its image tower; 0: off)")
-    tower_lr: float | None = Field(None, gt=0, description="learning rate of the LoRA weights in the LLM's image "
-                                   "tower and projector (default: lr)")
+    tower_weight: float = Field(0.0, ge=0, description="weight of the tower-probe loss that teaches the LLM's image "
+                                "tower a new look from the masks (default: the model's; prsmed-tiny 1, the paper's "
+                                "model 0 = off)")
+    tower_lr: float | None = Field(None, gt=0, description="learning rate of the LLM's image tower and projector "
+                                   "when the model trains them (default: the model's; otherwise lr)")
 
     # precision and memory
-    precision: Precision = "auto"
-    grad_checkpointing: bool = False
-    cast_frozen: bool = Field(True, description="store the frozen base LLM in the low-precision dtype")
+    precision: Precision = Field("auto", description="auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that has it)")
+    grad_checkpointing: bool = Field(False, description="recompute LLM activations in backward to save memory")
+    cast_frozen: bool = Field(True, description="on a GPU, keep the frozen base LLM in the low-precision dtype")
 
     # validation and early stopping
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="held out of train when the data has no val split")
-    val_max_samples: int | None = Field(None, gt=0)
-    eval_every: int | None = Field(None, gt=0, description="also evaluate every N steps (always at epoch ends)")
-    early_stop_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
-    early_stop_min_delta: float = Field(0.0, ge=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of train images held out when the data has no "
+                                "val split")
+    val_max_samples: int | None = Field(None, gt=0, description="validate on at most N rows")
+    eval_every: int | None = Field(None, gt=0, description="also validate every N steps (always at epoch ends)")
+    early_stop_patience: int | None = Field(None, gt=0, description="stop after N evaluations without a better "
+                                            "validation score")
+    early_stop_min_delta: float = Field(0.0, ge=0, description="smallest gain of the validation score that counts")
     # Generating answers draws no random numbers and changes no weight, so these two may change on resume.
     val_answer_rows: int = Field(32, ge=0, description="validation rows whose generated answers are scored at each "
                                  "evaluation (0: masks only)")
@@ -105,25 +110,27 @@ class TrainConfig(BaseModel):
                                     description="length limit of a generated validation answer, in tokens")
 
     # checkpoints
-    save_every: int | None = Field(None, gt=0, description="steps between checkpoints (and always at epoch ends)")
-    keep_last: int = Field(3, gt=0)
-    resume: bool = False
-    adapter_weights: Literal["best", "last"] = Field("best", description="weights for RUN/adapter when validated")
+    save_every: int | None = Field(None, gt=0, description="checkpoint every N steps (and always at epoch ends)")
+    keep_last: int = Field(3, gt=0, description="checkpoints kept (the best one is kept too)")
+    resume: bool = Field(False, description="continue from the newest good checkpoint in out")
+    adapter_weights: Literal["best", "last"] = Field("best", description="best or last: the weights written to "
+                                                     "RUN/adapter when the run validates")
 
     # budget and lifecycle
-    max_hours: float | None = Field(None, gt=0)
-    max_cost: float | None = Field(None, gt=0, description="USD")
-    gpu: str | None = None
-    usd_per_hour: float | None = Field(None, gt=0)
-    on_finish: str | None = None
-    stop_after: int | None = Field(None, gt=0, description="stop resumably after N steps of this invocation")
+    max_hours: float | None = Field(None, gt=0, description="stop cleanly after H hours of training")
+    max_cost: float | None = Field(None, gt=0, description="stop cleanly before spending this many USD")
+    gpu: str | None = Field(None, description="GPU name whose price max_cost uses (the planner's catalogue)")
+    usd_per_hour: float | None = Field(None, gt=0, description="what this run costs per hour, in USD")
+    on_finish: str | None = Field(None, description="shell command to run when the run ends")
+    stop_after: int | None = Field(None, gt=0, description="stop resumably (exit 75) after N steps of this "
+                                   "invocation")
 
     # plumbing
-    device: str = "auto"
-    num_workers: int = Field(0, ge=0)
-    log_every: int = Field(1, gt=0)
-    progress: bool = True
-    tensorboard: bool = True
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    num_workers: int = Field(0, ge=0, description="data-loading worker processes")
+    log_every: int = Field(1, gt=0, description="write metrics every N steps")
+    progress: bool = Field(True, description="show a progress bar")
+    tensorboard: bool = Field(True, description="write TensorBoard events")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -136,6 +143,8 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"--gpu: {e}; or pass --usd-per-hour") from None
         if self.max_cost is not None and self.usd_per_hour is None and self.gpu is None:
             raise ValueError("--max-cost needs a price: pass --usd-per-hour X or --gpu NAME")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas ({self.betas[0]}, {self.betas[1]}) must each be at least 0 and below 1")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self

@@ -4,8 +4,9 @@ One optimizer step = ``grad_accum`` micro-batches, each one LLM forward (the com
 the LM loss and, masked to the prompt tokens, to the fusion head). Several processes (``torchrun``) split each
 epoch's batches by rank and average gradients with one all-reduce per optimizer step; only rank 0 writes files.
 
-Exit statuses (:data:`EXIT_CODES`): 0 completed / early-stopped / budget exhausted, 75 preempted or paused (a
-checkpoint was written; rerun with ``--resume``), 1 failed.
+What is not the loop lives beside it: the collectives (distributed.py), device and precision policy (device.py),
+one forward and its loss (step.py), what a run reports as it goes (run_log.py) and how a run ends, with its exit
+codes, signals, ``--on-finish`` and failure summaries (lifecycle.py).
 """
 
 from __future__ import annotations
@@ -13,16 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
-import signal
-import subprocess
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +41,29 @@ from prsmed.train.data import (
     make_loader,
     split_records,
 )
-from prsmed.train.losses import LossWeights, soft_dice, total_loss
+from prsmed.train.device import (
+    apply_dtype_policy,
+    autocast,
+    enable_grad_checkpointing,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
+from prsmed.train.distributed import Dist
+from prsmed.train.lifecycle import (
+    EXIT_CODES,
+    EXIT_FAILED,
+    RunResult,
+    TrainingError,
+    install_signal_handlers,
+    is_out_of_memory,
+    out_of_memory_reason,
+    run_on_finish,
+    write_failed_summary,
+)
+from prsmed.train.losses import LossWeights, soft_dice
+from prsmed.train.run_log import RunLog, setup_logging
+from prsmed.train import step as forward_step
 from prsmed.train.report import build_report, combined_score, eval_line
 from prsmed.train.tower_probe import (
     PROBE_FILE,
@@ -62,17 +78,6 @@ from prsmed.weights import CheckpointError
 
 log = logging.getLogger("prsmed.train")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped with a checkpoint, rerun with --resume
-EXIT_CODES = {
-    "completed": EXIT_OK,
-    "early_stopped": EXIT_OK,
-    "budget_exhausted": EXIT_OK,
-    "preempted": EXIT_PREEMPTED,
-    "paused": EXIT_PREEMPTED,
-    "failed": EXIT_FAILED,
-}
 # Stop requests, ordered so the all-reduced maximum is the most important one.
 _STOPS = ("", "paused", "budget_exhausted", "preempted")
 # The untrained tower's probe reading the zones of this share of training rows or more: the tower stays frozen.
@@ -81,146 +86,6 @@ TOWER_READS_ENOUGH = 0.7
 # Loss parts averaged across processes for logging.
 _PARTS = ("loss", "loss_seg", "loss_bce", "loss_iou", "loss_dice", "loss_lm", "loss_cls", "cls_weight", "loss_tower")
 
-
-class TrainingError(RuntimeError):
-    """The run cannot start or continue; the message says what was expected and what was found."""
-
-
-@dataclass
-class RunResult:
-    status: str
-    exit_code: int
-    reason: str = ""
-    step: int = 0
-    metrics: dict[str, Any] = field(default_factory=dict)
-    checkpoint: Path | None = None
-    adapter: Path | None = None
-    bad_rows: int = 0
-    # Validation before training, at the best checkpoint and at the last evaluation, with a verdict
-    # (prsmed.train.report); empty when the run failed before it could say anything.
-    report: dict[str, Any] = field(default_factory=dict)
-
-
-# --- processes --------------------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    """This process's place among ``world_size`` (set by torchrun through RANK / WORLD_SIZE / LOCAL_RANK)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                   int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    def init(self, device: torch.device) -> None:
-        if self.active and not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend)
-
-    def close(self) -> None:
-        if self.active and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
-
-    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if self.active:
-            ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
-            torch.distributed.all_reduce(t, op=ops[op])
-        return t
-
-    def gather_objects(self, obj: Any) -> list[Any]:
-        if not self.active:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj: Any) -> Any:
-        if not self.active:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
-        if self.active:
-            for t in tensors:
-                torch.distributed.broadcast(t, src=0)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str, dist: Dist) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{dist.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{dist.local_rank}")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-
-def apply_dtype_policy(model, precision: str, device_type: str, *, cast_frozen: bool = True) -> None:
-    """fp32 master copies of every trained parameter; on a GPU with bf16/fp16, the frozen LLM in that dtype. The
-    planner's simulation and measurements apply the same policy."""
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16, "4bit": torch.bfloat16}.get(precision)
-    if low is not None and cast_frozen and device_type == "cuda":
-        for p in model.llm.parameters():
-            if not p.requires_grad and p.is_floating_point():
-                p.data = p.data.to(low)
-
-
-def enable_grad_checkpointing(model) -> bool:
-    """Gradient (activation) checkpointing on the LLM: recompute activations in backward to save memory. Uses the
-    backbone's own switch if it has one, else its transformers model's; warns and goes on without. The planner
-    calls this too, so what it sizes is what the trainer runs."""
-    llm = model.llm
-    candidates = [llm] + [m for m in llm.modules() if getattr(m, "supports_gradient_checkpointing", False)]
-    for module in candidates:
-        for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
-            method = getattr(module, name, None)
-            if not callable(method):
-                continue
-            kwargs_name = name.replace("_enable", "_kwargs")
-            try:  # non-reentrant: works with frozen inputs and LoRA, no input-grad hooks needed
-                method(**{kwargs_name: {"use_reentrant": False}})
-            except TypeError:
-                method()
-            log.info("gradient checkpointing enabled on %s", type(module).__name__)
-            return True
-    log.warning("--grad-checkpointing: LLM %r has no gradient checkpointing switch; continuing without it",
-                model.spec.llm.name)
-    return False
 
 def build_from_name(name: str):
     """A zoo preset by name, or a model described by a ModelSpec JSON file."""
@@ -247,75 +112,6 @@ def data_manifest(records: Sequence[Any]) -> str:
 
     present = [r for r in records if Path(r.image_path).is_file() and Path(r.mask_path).is_file()]
     return manifest_sha256(present)
-
-
-# --- what a run reports -----------------------------------------------------------------------------------------
-
-class RunLog:
-    """``metrics.jsonl``, TensorBoard events and the progress bar. Inert unless ``enabled`` (rank 0)."""
-
-    def __init__(self, out: Path, *, enabled: bool, tensorboard: bool, progress: bool) -> None:
-        self.path = out / "metrics.jsonl"
-        self.enabled, self.tensorboard, self.progress = enabled, tensorboard, progress
-        self._writer = None
-        self._bar = None
-        self._redirect = None
-
-    def open(self, *, step: int, resumed: bool) -> None:
-        """Start fresh, or after a resume drop what was logged past ``step`` (those steps run again)."""
-        if not self.enabled:
-            return
-        if not resumed:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        if self.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.path.parent / "tb"), purge_step=step + 1 if resumed else None)
-            except ImportError as e:
-                log.warning("TensorBoard logging is off (%s); install tensorboard to enable it", e)
-
-    def start_progress(self, *, step: int, total: int) -> None:
-        if self.enabled and self.progress:
-            from tqdm.auto import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            self._bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-            # Log lines go above the bar instead of through it.
-            consoles = [lg for lg in (logging.getLogger(), logging.getLogger("prsmed"))
-                        if any(type(h) is logging.StreamHandler for h in lg.handlers)]
-            self._redirect = logging_redirect_tqdm(loggers=consoles)
-            self._redirect.__enter__()
-
-    def advance(self, record: dict[str, Any]) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-        if self._writer is not None:
-            prefix = "val" if record.get("kind") == "eval" else "train"
-            for k, v in record.items():
-                if k not in ("kind", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._writer.add_scalar(f"{prefix}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self._redirect is not None:
-            self._redirect.__exit__(None, None, None)
-            self._redirect = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 # --- the trainer ------------------------------------------------------------------------------------------------
@@ -575,25 +371,17 @@ class Trainer:
         return self.last_train
 
     def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        if dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device.type)
 
-    def _run_model(self, batch: Batch):
+    def _run_model(self, batch: Batch, *, epoch: int = 0):
+        """(loss, parts, output, float32 mask logits): the forward and loss the planner simulates too."""
         seg, inputs = self.model.encode(batch.images, batch.questions, batch.answers)
-        with self._autocast():
-            out = self.model(seg.to(self.device), inputs.to(self.device))
-        logits = out.mask_logits.float()
-        if logits.shape[-2:] != batch.masks.shape[-2:]:
-            raise TrainingError(f"the model returned mask logits of size {tuple(logits.shape[-2:])} but masks are "
-                                f"{tuple(batch.masks.shape[-2:])} (the vision encoder's input size)")
-        return out, logits
+        return forward_step.model_loss(self.model, seg.to(self.device), inputs.to(self.device),
+                                       batch.masks.to(self.device), batch.modality, epoch=epoch,
+                                       weights=self.loss_weights, autocast=self._autocast())
 
     def forward_loss(self, batch: Batch, *, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        out, logits = self._run_model(batch)
-        loss, parts = total_loss(logits, batch.masks.to(self.device), out.lm_loss, out.modality_logits,
-                                 batch.modality, epoch=epoch, weights=self.loss_weights)
+        loss, parts, _, _ = self._run_model(batch, epoch=epoch)
         if self.tower_probe is not None:
             masks = [unstretch(m, image.size) for m, image in zip(batch.masks, batch.images)]
             targets = token_targets(masks, self.tower_probe.tokens).to(self.device)
@@ -669,7 +457,7 @@ class Trainer:
             sums[4] += len(batch.bad)
             if not len(batch):
                 continue
-            out, logits = self._run_model(batch)
+            _, _, out, logits = self._run_model(batch)
             sums[0] += float(soft_dice(logits, batch.masks.to(self.device)).sum())
             sums[5] += float(dice_at_05(logits, batch.masks).sum())
             sums[1] += len(batch)
@@ -1120,97 +908,15 @@ def _describe(scores: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
-        return 0
-
-
 # --- running a whole job ----------------------------------------------------------------------------------------
-
-def _install_signal_handlers(trainer: Trainer) -> Callable[[], None]:
-    """SIGTERM/SIGINT: finish the step, checkpoint, exit 75. A second SIGINT interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def handler(signum, _frame):
-        name = signal.Signals(signum).name
-        if trainer.signalled_at is None:
-            trainer.signalled_at = time.monotonic()
-        trainer.request_stop("preempted", f"received {name}; stopped after the current step with a checkpoint")
-        log.warning("%s received: finishing the current step, then writing a checkpoint (again to abort)", name)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    for s in previous:
-        signal.signal(s, handler)
-
-    def restore() -> None:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-    return restore
-
-
-def run_on_finish(command: str, result: RunResult, out: Path) -> None:
-    """Run the user's ``--on-finish`` shell command with the outcome in its environment."""
-    env = {
-        **os.environ,
-        "PRSMED_RUN_STATUS": result.status,
-        "PRSMED_EXIT_CODE": str(result.exit_code),
-        "PRSMED_RUN_REASON": result.reason,
-        "PRSMED_RUN_DIR": str(out),
-        "PRSMED_STEP": str(result.step),
-        "PRSMED_CHECKPOINT": str(result.checkpoint or ""),
-        "PRSMED_ADAPTER": str(result.adapter or ""),
-    }
-    log.info("running --on-finish: %s", command)
-    try:
-        done = subprocess.run(command, shell=True, env=env, check=False)
-        if done.returncode:
-            log.warning("--on-finish command exited with status %d", done.returncode)
-    except OSError as e:
-        log.warning("--on-finish command could not be started: %s", e)
-
-
-def _setup_logging(out: Path, dist: Dist) -> Callable[[], None]:
-    handlers: list[logging.Handler] = []
-    logger = logging.getLogger("prsmed")
-    old_level = logger.level
-    logger.setLevel(logging.INFO if dist.main else logging.WARNING)
-    if dist.main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(out / "train.log")
-            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            handlers.append(fh)
-        except OSError as e:  # the run itself will report why --out is unusable
-            logging.getLogger("prsmed.train").warning("cannot write %s/train.log: %s", out, e)
-    if not logging.getLogger().handlers:  # nobody configured logging: show ours on stderr
-        sh = logging.StreamHandler()
-        sh.setFormatter(logging.Formatter(f"[rank {dist.rank}] %(levelname)s: %(message)s" if dist.active
-                                          else "%(levelname)s: %(message)s"))
-        handlers.append(sh)
-    for h in handlers:
-        logger.addHandler(h)
-
-    def restore() -> None:
-        for h in handlers:
-            logger.removeHandler(h)
-            h.close()
-        logger.setLevel(old_level)
-
-    return restore
-
 
 def run_training(config: TrainConfig, *, model=None, records: Sequence[Any] | None = None,
                  trainer_cls: type[Trainer] = Trainer) -> RunResult:
     """Run a whole job: train, handle signals, write summary.json, run ``--on-finish``; never raises for a failed
     run (the result says why), so callers map it to an exit status."""
     trainer = trainer_cls(config, model=model, records=records)
-    restore_logging = _setup_logging(Path(config.out), trainer.dist)
-    restore_signals = _install_signal_handlers(trainer)
+    restore_logging = setup_logging(Path(config.out), trainer.dist)
+    restore_signals = install_signal_handlers(trainer)
     try:
         result = trainer.fit()
     except Exception as e:
@@ -1225,7 +931,7 @@ def run_training(config: TrainConfig, *, model=None, records: Sequence[Any] | No
             log.exception("training failed")
         result = RunResult(status="failed", exit_code=EXIT_FAILED, reason=reason, step=trainer.step,
                            bad_rows=len(trainer.bad_rows))
-        _write_failed_summary(trainer, result)
+        write_failed_summary(trainer, result)
         trainer.close()
     finally:
         restore_signals()
@@ -1238,35 +944,3 @@ def run_training(config: TrainConfig, *, model=None, records: Sequence[Any] | No
     return result
 
 
-_OOM_MESSAGES = ("can't allocate memory", "out of memory", "bad_alloc")
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """A failed allocation: Python's MemoryError, CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    return isinstance(e, RuntimeError) and any(s in str(e) for s in _OOM_MESSAGES)
-
-
-def out_of_memory_reason(e: BaseException, step: int, device: torch.device) -> str:
-    where = "GPU" if device.type == "cuda" else "host"
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    return (f"out of {where} memory at step {step + 1} ({type(e).__name__}: {first_line}). Lower --batch-size and "
-            f"raise --grad-accum to keep the effective batch, add --grad-checkpointing, or size the run first with "
-            f"`prsmed plan`. Checkpoints already written are intact: --resume continues from the last one with more "
-            f"memory or with --grad-checkpointing")
-
-
-def _write_failed_summary(trainer: Trainer, result: RunResult) -> None:
-    if not trainer.dist.main:
-        return
-    try:
-        out = Path(trainer.config.out)
-        out.mkdir(parents=True, exist_ok=True)
-        last = trainer.manager.checkpoints()
-        summary = {"status": result.status, "exit_code": result.exit_code, "reason": result.reason,
-                   "step": result.step, "checkpoint": str(last[-1]) if last else None,
-                   "bad_rows": {"count": len(trainer.bad_rows)}}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    except OSError:
-        pass  # the disk that failed the run may refuse this too; the log line above carries the reason

@@ -1,4 +1,5 @@
-"""TinyViT with the SAM neck: the image encoder of TinySAM / MobileSAM (``vit_t``).
+"""``vision_encoder/tinysam``: TinyViT with the SAM neck, the image encoder of TinySAM / MobileSAM (``vit_t``): the
+module, its checkpoint layouts, and the component's options, contract and builder.
 
 The module tree reproduces the official parameter names exactly (``patch_embed.seq.0.c.weight``,
 ``layers.1.blocks.0.attn.attention_biases``, ``neck.3.bias`` ...), so the official ``image_encoder.*`` tensors load
@@ -18,16 +19,19 @@ it: keeping it makes loading strict in both directions at the cost of 0.32M idle
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from prsmed.components import VisionEncoderContract
+from prsmed import checkpoint_layouts as layouts
+from prsmed.checkpoint_layouts import Layout, SplitCheckpoint
+from prsmed.components import ComponentSpec, VisionEncoderContract, parse_options
 from prsmed.interfaces import VisionEncoder
-from prsmed.weights import CheckpointError
+from prsmed.weights import CheckpointError, load_strict, read_state_dict
 
 #: Total downsampling from pixels to the output grid: 4 in the patch embedding, 2 in each of the first two
 #: patch-merging steps; the last merge keeps the resolution.
@@ -288,64 +292,35 @@ def _init_weights(m: nn.Module) -> None:
 
 # --- checkpoint layouts -----------------------------------------------------------------------------------------
 
-#: layout name -> (prefix of the encoder tensors, prefixes of tensors that belong to other modules and are skipped)
-LAYOUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+# Most specific first: the authors' file also holds the 'image_encoder.' keys of the "sam" layout.
+LAYOUTS: tuple[Layout, ...] = (
     # PRS-Med authors' image_encoder.pth: the wrapper registers the encoder twice, as sam.image_encoder and as
     # image_encoder; the second copy is checked to be identical and skipped.
-    "prsmed-authors": ("sam.image_encoder.", ("sam.prompt_encoder.", "sam.mask_decoder.", "image_encoder.")),
+    Layout("prsmed-authors", "sam.image_encoder.", "PRS-Med image_encoder.pth", prefix="sam.image_encoder.",
+           skipped=("sam.prompt_encoder.", "sam.mask_decoder.", "image_encoder.")),
     # Official tinysam_42.3.pth (and MobileSAM's mobile_sam.pt): a full SAM state dict.
-    "sam": ("image_encoder.", ("prompt_encoder.", "mask_decoder.")),
+    Layout("sam", "image_encoder.", "official TinySAM/MobileSAM SAM state dict", prefix="image_encoder.",
+           skipped=("prompt_encoder.", "mask_decoder.")),
     # A state dict of this module, e.g. our own safetensors.
-    "module": ("", ()),
-}
-
-
-@dataclass
-class SplitCheckpoint:
-    layout: str
-    state: dict[str, torch.Tensor]
-    ignored: list[str] = field(default_factory=list)
+    Layout("module", "patch_embed.", "this encoder's own state dict"),
+)
+WHAT = "TinySAM image-encoder"
 
 
 def detect_layout(keys: Sequence[str] | Mapping[str, object]) -> str:
     """Name the layout of a TinySAM checkpoint from its keys: ``prsmed-authors``, ``sam`` or ``module``."""
-    keys = list(keys)
-    if any(k.startswith("sam.image_encoder.") for k in keys):
-        return "prsmed-authors"
-    if any(k.startswith("image_encoder.") for k in keys):
-        return "sam"
-    if any(k.startswith("patch_embed.") for k in keys):
-        return "module"
-    shown = ", ".join(keys[:5]) or "no keys at all"
-    raise CheckpointError(
-        "not a TinySAM image-encoder checkpoint: expected keys under 'image_encoder.' (official TinySAM/MobileSAM "
-        "SAM state dict), 'sam.image_encoder.' (PRS-Med image_encoder.pth) or 'patch_embed.' (this encoder's own "
-        f"state dict); found {shown}"
-    )
+    return layouts.detect_layout(keys, LAYOUTS, what=WHAT).name
 
 
 def split_checkpoint(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> SplitCheckpoint:
-    """Keep the encoder tensors of ``state`` under this module's names and list the ones that were skipped.
-
-    Keys outside the layout's known prefixes are passed through unchanged, so the strict load that follows refuses
-    them by name.
-    """
-    if state and all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
-    layout = detect_layout(state)
-    prefix, skipped = LAYOUTS[layout]
-    kept: dict[str, torch.Tensor] = {}
-    ignored: list[str] = []
-    for key, tensor in state.items():
-        if prefix and key.startswith(prefix):
-            kept[key[len(prefix):]] = tensor
-        elif any(key.startswith(p) for p in skipped):
-            ignored.append(key)
-        else:
-            kept[key] = tensor
-    if layout == "prsmed-authors":
-        _check_duplicate(state, kept, source)
-    return SplitCheckpoint(layout=layout, state=kept, ignored=ignored)
+    """Keep the encoder tensors of ``state`` under this module's names and list the ones that were skipped
+    (prsmed.checkpoint_layouts); the authors' two copies of the encoder must agree."""
+    split = layouts.split_checkpoint(state, LAYOUTS, what=WHAT)
+    if split.layout == "prsmed-authors":
+        state = {k[len("module."):]: v for k, v in state.items()} if all(k.startswith("module.") for k in state) \
+            else state
+        _check_duplicate(state, split.state, source)
+    return split
 
 
 def _check_duplicate(state: Mapping[str, torch.Tensor], kept: Mapping[str, torch.Tensor], source: str) -> None:
@@ -364,3 +339,72 @@ def _check_duplicate(state: Mapping[str, torch.Tensor], kept: Mapping[str, torch
 
 def contract_for(img_size: int, out_channels: int) -> VisionEncoderContract:
     return VisionEncoderContract(input_size=img_size, out_channels=out_channels, stride=STRIDE)
+
+
+# --- the component: options, contract, builder ---------------------------------------------------------------
+
+Positive = Annotated[int, Field(gt=0)]
+Four = tuple[Positive, Positive, Positive, Positive]
+
+
+class TinySAMOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    img_size: Positive = 1024
+    embed_dims: Four = (64, 128, 160, 320)
+    depths: Four = (2, 2, 6, 2)
+    num_heads: Four = (2, 4, 5, 10)
+    # The first entry is unused (stage 0 is convolutional); kept so configs read like the official ones.
+    window_sizes: Four = (7, 7, 14, 7)
+    mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
+    out_channels: Positive = 256
+    checkpoint: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "TinySAMOptions":
+        if self.img_size % STRIDE:
+            raise ValueError(f"img_size must be a multiple of {STRIDE}, got {self.img_size}")
+        for i in range(1, 4):
+            if self.embed_dims[i] % self.num_heads[i]:
+                raise ValueError(
+                    f"embed_dims[{i}]={self.embed_dims[i]} must be divisible by num_heads[{i}]={self.num_heads[i]}"
+                )
+        if self.embed_dims[0] % 2:
+            raise ValueError(f"embed_dims[0] must be even (the patch embedding halves it), got {self.embed_dims[0]}")
+        return self
+
+
+def tinysam_contract(**options: Any) -> VisionEncoderContract:
+    opts = parse_options("vision_encoder/tinysam", TinySAMOptions, options)
+    return contract_for(opts.img_size, opts.out_channels)
+
+
+def build_tinysam(**options: Any) -> TinySAMEncoder:
+    opts = parse_options("vision_encoder/tinysam", TinySAMOptions, options)
+    module = TinySAMEncoder(
+        img_size=opts.img_size,
+        embed_dims=opts.embed_dims,
+        depths=opts.depths,
+        num_heads=opts.num_heads,
+        window_sizes=opts.window_sizes,
+        mlp_ratio=opts.mlp_ratio,
+        out_channels=opts.out_channels,
+    )
+    module.contract = contract_for(opts.img_size, opts.out_channels)
+    module.load_report = None
+    if opts.checkpoint is not None:
+        source = str(opts.checkpoint)
+        split = split_checkpoint(read_state_dict(opts.checkpoint), source=source)
+        module.load_report = load_strict(module, split.state, source=f"{source} ({split.layout} layout)",
+                                         ignored=split.ignored)
+    return module
+
+
+SPEC = ComponentSpec(
+    kind="vision_encoder",
+    name="tinysam",
+    build=build_tinysam,
+    contract=tinysam_contract,
+    description="TinySAM vit_t image encoder (TinyViT-5M + SAM neck), 1024x1024 -> 256x64x64; loads "
+                "tinysam_42.3.pth, PRS-Med image_encoder.pth or safetensors",
+)

@@ -1,0 +1,118 @@
+"""What a run reports as it goes: ``metrics.jsonl``, TensorBoard events, the progress bar and ``train.log``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prsmed.train.distributed import Dist
+
+log = logging.getLogger("prsmed.train")
+
+
+class RunLog:
+    """``metrics.jsonl``, TensorBoard events and the progress bar. Inert unless ``enabled`` (rank 0)."""
+
+    def __init__(self, out: Path, *, enabled: bool, tensorboard: bool, progress: bool) -> None:
+        self.path = out / "metrics.jsonl"
+        self.enabled, self.tensorboard, self.progress = enabled, tensorboard, progress
+        self._writer = None
+        self._bar = None
+        self._redirect = None
+
+    def open(self, *, step: int, resumed: bool) -> None:
+        """Start fresh, or after a resume drop what was logged past ``step`` (those steps run again)."""
+        if not self.enabled:
+            return
+        if not resumed:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if step_of(line) <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.path.parent / "tb"), purge_step=step + 1 if resumed else None)
+            except ImportError as e:
+                log.warning("TensorBoard logging is off (%s); install tensorboard to enable it", e)
+
+    def start_progress(self, *, step: int, total: int) -> None:
+        if self.enabled and self.progress:
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+            # Log lines go above the bar instead of through it.
+            consoles = [lg for lg in (logging.getLogger(), logging.getLogger("prsmed"))
+                        if any(type(h) is logging.StreamHandler for h in lg.handlers)]
+            self._redirect = logging_redirect_tqdm(loggers=consoles)
+            self._redirect.__enter__()
+
+    def advance(self, record: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self._writer is not None:
+            prefix = "val" if record.get("kind") == "eval" else "train"
+            for k, v in record.items():
+                if k not in ("kind", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._writer.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return 0
+
+
+def setup_logging(out: Path, dist: Dist) -> Callable[[], None]:
+    handlers: list[logging.Handler] = []
+    logger = logging.getLogger("prsmed")
+    old_level = logger.level
+    logger.setLevel(logging.INFO if dist.main else logging.WARNING)
+    if dist.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(out / "train.log")
+            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handlers.append(fh)
+        except OSError as e:  # the run itself will report why --out is unusable
+            logging.getLogger("prsmed.train").warning("cannot write %s/train.log: %s", out, e)
+    if not logging.getLogger().handlers:  # nobody configured logging: show ours on stderr
+        sh = logging.StreamHandler()
+        sh.setFormatter(logging.Formatter(f"[rank {dist.rank}] %(levelname)s: %(message)s" if dist.active
+                                          else "%(levelname)s: %(message)s"))
+        handlers.append(sh)
+    for h in handlers:
+        logger.addHandler(h)
+
+    def restore() -> None:
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(old_level)
+
+    return restore
