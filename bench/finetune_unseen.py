@@ -3,7 +3,7 @@ and after, on the masks and on the answers.
 
     python bench/finetune_unseen.py [--work runs/finetune-unseen] [--style retina_fundus] [--phrasing plain]
                                     [--n 400] [--set epochs=3 --set lr=5e-4 ...] [--base PATH]
-    python bench/finetune_unseen.py --suite --work runs/finetune-suite      # the five cases of bench/RESULTS.md
+    python bench/finetune_unseen.py --suite --work runs/finetune-suite      # the six cases of bench/RESULTS.md
 
 The data is `prsmed data synth --style STYLE --phrasing PHRASING` (an unseen look: retina fundus, histology or a
 thermal image; answers worded as that phrasing says, e.g. "upper left" and "centre"). The fine-tuning is the
@@ -34,6 +34,8 @@ SUITE = (  # (style, phrasing, images): three unseen looks, three wordings, two 
     ("thermal_image", "anatomical", 125),
     ("thermal_image", "plain", 125),
     ("standard", "radiology", 400),
+    # words the base never wrote (not in prsmed.data.vocabulary): the limit of the tiny model's language
+    ("histology_slide", "outermost", 125),
 )
 MAX_NEW_TOKENS = 48
 
@@ -133,7 +135,7 @@ def main() -> int:
     parser.add_argument("--phrasing", default="plain")
     parser.add_argument("--n", type=int, default=400)
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--suite", action="store_true", help="run the five cases of bench/RESULTS.md")
+    parser.add_argument("--suite", action="store_true", help="run the six cases of bench/RESULTS.md")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a TrainConfig field for the fine-tuning (default: the model's defaults)")
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -100,7 +100,12 @@ def zoo_show(name: str, as_json: bool = typer.Option(False, "--json", help="Prin
     spec = info["spec"]
     for comp, c in by.items():
         label = spec[comp]["name"] if comp in spec and isinstance(spec[comp], dict) else ""
-        extra = f" (LoRA {c['lora']:,})" if "lora" in c else ""
+        parts = [f"LoRA {c['lora']:,}"] if "lora" in c else []
+        if c.get("image_tower"):
+            parts.append(f"image tower {c['image_tower']:,}")
+        if c.get("output_layer"):
+            parts.append(f"output layer {c['output_layer']:,}")
+        extra = f" ({', '.join(parts)})" if parts else ""
         table.add_row(comp, label, f"{c['total']:,}", f"{c['trainable']:,}{extra}")
     table.add_row("total", "", f"{info['params']['total']:,}", f"{info['params']['trainable']:,}")
     console.print(table)

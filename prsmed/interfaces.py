@@ -82,6 +82,11 @@ class LLMBackbone(nn.Module):
         None for a text-only backbone. Fine-tuning with a tower probe trains the tower through these."""
         return None
 
+    def output_layer(self) -> nn.Module | None:
+        """The layer that maps the last hidden state to token logits (``lm_head``); a small model's fine-tuning may
+        train it in full (spec ``train.llm_output``). None when the backbone cannot say."""
+        return None
+
     def text_model(self) -> nn.Module | None:
         """The decoder stack whose linear layers a 4-bit base would quantise (the planner counts them); None when
         the backbone cannot say."""

@@ -79,7 +79,7 @@ def test_llava_registered_with_contract(llava):
     assert {"llm/llava", "llm/hf-causal-lm"} <= {s.id for s in get_registry().list_components("llm")}
     expected = get_registry().contract("llm", "llava")
     assert llava.contract == expected
-    assert expected == LLMContract(hidden_size=64, vocab_size=768, image_size=96, image_tokens=144)
+    assert expected == LLMContract(hidden_size=64, vocab_size=1024, image_size=96, image_tokens=144)
     with pytest.raises(ComponentError, match="Accepted options: pretrained, config, preset, text_config, dtype"):
         create_component("llm", "llava", presets="tiny")
     with pytest.raises(ComponentError, match="only one of"):
@@ -106,9 +106,9 @@ def test_llava_encode_labels_only_on_answers(llava):
     out = llava(inputs)
     assert out.hidden_states.shape == (2, inputs.input_ids.shape[1], 64)
     assert torch.equal(out.attention_mask, inputs.attention_mask)
-    assert out.logits.shape == (2, inputs.input_ids.shape[1], 768)
+    assert out.logits.shape == (2, inputs.input_ids.shape[1], 1024)
     manual = torch.nn.functional.cross_entropy(
-        out.logits[:, :-1].reshape(-1, 768), inputs.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        out.logits[:, :-1].reshape(-1, 1024), inputs.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )
     assert torch.allclose(out.loss, manual, atol=1e-5)
     out.loss.backward()
@@ -236,7 +236,7 @@ def test_llava_pretrained_in_original_layout_is_refused(tmp_path):
 # llm/hf-causal-lm --------------------------------------------------------------------------------------------------
 TINY_QWEN2 = {
     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vocab_size": 800, "max_position_embeddings": 256, "tie_word_embeddings": True,
+    "num_key_value_heads": 2, "vocab_size": 1100, "max_position_embeddings": 256, "tie_word_embeddings": True,
 }
 
 
@@ -244,7 +244,7 @@ def test_causal_lm_tiny_qwen2():
     torch.manual_seed(0)
     options = dict(config=TINY_QWEN2, model_type="qwen2", tokenizer=str(tiny_tokenizer.TINY_TOKENIZER_DIR))
     lm = create_component("llm", "hf-causal-lm", **options).eval()
-    assert lm.contract == LLMContract(hidden_size=32, vocab_size=800) == get_registry().contract(
+    assert lm.contract == LLMContract(hidden_size=32, vocab_size=1100) == get_registry().contract(
         "llm", "hf-causal-lm", **options
     )
     assert lm.contract.image_tokens == 0 and lm.contract.image_size == 0
@@ -276,7 +276,7 @@ def test_causal_lm_default_preset_and_errors():
         no_tok.encode(["hello"])
     too_small = create_component("llm", "hf-causal-lm", config={**TINY_QWEN2, "vocab_size": 100}, model_type="qwen2",
                                  tokenizer=str(tiny_tokenizer.TINY_TOKENIZER_DIR))
-    with pytest.raises(ComponentError, match="768 tokens"):
+    with pytest.raises(ComponentError, match="1024 tokens"):
         too_small.tokenizer
 
 

@@ -40,18 +40,20 @@ def test_incompatible_combination_fails_before_building(monkeypatch):
 
 def test_trainable_parts_follow_the_spec(tiny):
     counts = tiny.parameter_counts()
-    # LoRA, and prsmed-tiny's own image tower and projector (spec train.llm_image_path)
+    # LoRA, prsmed-tiny's own image tower and projector (spec train.llm_image_path) and its output layer (llm_output)
     image_path = sum(p.numel() for p in tiny.llm_image_path.parameters())
-    assert counts["llm"]["trainable"] == counts["llm"]["lora"] + image_path and counts["llm"]["lora"] > 0
+    head = sum(p.numel() for p in tiny.llm_output.parameters())
+    assert counts["llm"]["trainable"] == counts["llm"]["lora"] + image_path + head and counts["llm"]["lora"] > 0
+    # what `prsmed zoo show` prints beside the LoRA count
+    assert counts["llm"]["image_tower"] == image_path > 0 and counts["llm"]["output_layer"] == head == 1024 * 64
     # everything trains but what a component froze itself (TinyViT's unused ImageNet head, the head's unused norm)
     frozen_enc = sum(p.numel() for n, p in tiny.vision_encoder.named_parameters() if n.startswith(("head.", "norm_head.")))
     assert counts["vision_encoder"]["trainable"] == counts["vision_encoder"]["total"] - frozen_enc > 0
     frozen_head = sum(p.numel() for p in tiny.fusion_head.ffn.norm1.parameters())
     assert counts["fusion_head"]["trainable"] == counts["fusion_head"]["total"] - frozen_head
-    in_image_path = {id(p) for p in tiny.llm_image_path.parameters()}
-    base_llm = [n for n, p in tiny.llm.named_parameters()
-                if p.requires_grad and "lora_" not in n and id(p) not in in_image_path]
-    assert base_llm == []
+    own = {id(p) for p in (*tiny.llm_image_path.parameters(), *tiny.llm_output.parameters())}
+    base_llm = [n for n, p in tiny.llm.named_parameters() if p.requires_grad and "lora_" not in n and id(p) not in own]
+    assert base_llm == []  # the text model's own weights and embeddings stay frozen
 
 
 def test_training_forward_and_backward_from_one_llm_pass(tiny):

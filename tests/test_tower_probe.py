@@ -53,8 +53,9 @@ def test_the_tiny_model_ships_a_probe_that_reads_its_tower():
     assert model.spec.train.llm_image_path
     tower_ids = {id(p) for p in model.llm_image_path.parameters()}
     assert tower_ids and all(p.requires_grad for p in model.llm_image_path.parameters())
-    # Only the image path trains of the base LLM: its text model stays frozen apart from LoRA.
-    text = [n for n, p in model.llm.named_parameters() if p.requires_grad and id(p) not in tower_ids]
+    # Of the base LLM only the image path and the output layer train: its text model stays frozen apart from LoRA.
+    head_ids = {id(p) for p in model.llm_output.parameters()}
+    text = [n for n, p in model.llm.named_parameters() if p.requires_grad and id(p) not in tower_ids | head_ids]
     assert text and all("lora_" in n for n in text)
 
 
@@ -132,3 +133,33 @@ def test_a_look_the_tower_already_reads_leaves_it_frozen(tmp_path):
     load_bundle(out / "adapter", tuned)
     assert all(torch.equal(a, b) for a, b in zip(base.llm_image_path.state_dict().values(),
                                                  tuned.llm_image_path.state_dict().values()))
+
+
+def test_the_tower_warm_up_teaches_the_tower_alone_before_the_first_step(tmp_path):
+    from prsmed.data.layout import load_records
+    from prsmed.data.readers import read_image, read_mask
+    from prsmed.train.trainer import Trainer
+
+    data = _tiny_data(tmp_path)
+    cfg = TrainConfig(model="prsmed-tiny", data=data, out=tmp_path / "run", max_steps=1, batch_size=4,
+                      tower_warmup_steps=30, progress=False, tensorboard=False)
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        rows = [r for r in load_records(data) if r.split == "train"]
+        llm, probe = trainer.model.llm, trainer.tower_probe
+        pixels = llm.preprocess_images([read_image(r.image_path).convert("RGB") for r in rows])
+        targets = token_targets([read_mask(r.mask_path) for r in rows], probe.tokens)
+
+        def probe_loss() -> float:
+            with torch.no_grad():
+                return float(probe.loss(llm.image_features(pixels), targets))
+
+        tower = {id(p) for p in trainer.model.llm_image_path.parameters()}
+        others = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if id(p) not in tower}
+        before = probe_loss()
+        trainer.warm_up_tower()
+        assert probe_loss() < 0.8 * before
+        assert all(torch.equal(p, others[n]) for n, p in trainer.model.named_parameters() if n in others)
+    finally:
+        trainer.close()

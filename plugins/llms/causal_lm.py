@@ -157,6 +157,9 @@ class HFBackbone(LLMBackbone):
         self._tokenizer_path = tokenizer_path
         self._missing_tokenizer = missing_tokenizer
 
+    def output_layer(self) -> torch.nn.Module | None:
+        return self.model.get_output_embeddings()
+
     def text_model(self) -> torch.nn.Module | None:
         getter = getattr(self.model, "get_decoder", None)
         return getter() if callable(getter) else None

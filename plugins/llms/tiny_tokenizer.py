@@ -1,7 +1,10 @@
 """The tiny tokenizer shipped with ``prsmed-tiny``: how it is made.
 
 A Llama-style byte-fallback BPE (``▁`` marks a word start, unknown characters fall back to ``<0xNN>`` byte tokens)
-with 768 entries, trained with the ``tokenizers`` library on position question/answer text generated below. Its
+with 1,024 entries, trained with the ``tokenizers`` library on position question/answer text generated below and on
+the position vocabulary of reports (prsmed.data.vocabulary), so that words such as "superior", "aspect" or
+"noted" are whole tokens a fine-tuned model can produce, not spelt out byte by byte (768 entries before revision
+7 of the tiny weights, which spelt them out). Its
 special ids follow LLaVA-Med's tokenizer: ``<unk>``=0 (also the pad), ``<s>``=1, ``</s>``=2, plus ``<image>``=3.
 
 The shipped files under ``assets/tiny-tokenizer/`` are exactly what :func:`write_tiny_tokenizer` writes; the test
@@ -17,11 +20,13 @@ import json
 import string
 from pathlib import Path
 
+from prsmed.data.vocabulary import corpus_lines
+
 UNK, BOS, EOS, IMAGE = "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, IMAGE)
 BYTE_TOKENS = tuple(f"<0x{i:02X}>" for i in range(256))
-# 4 special + 256 byte tokens + 508 learned pieces; the tiny LLaVA preset's vocabulary has exactly this size.
-VOCAB_SIZE = 768
+# 4 special + 256 byte tokens + 764 learned pieces; the tiny LLaVA preset's vocabulary has exactly this size.
+VOCAB_SIZE = 1024
 MODEL_MAX_LENGTH = 2048
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny-tokenizer"
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -112,6 +117,7 @@ def corpus() -> list[str]:
         )
         lines.append(p.format(q=q, a=a))
     lines.extend(EXTRA_TEXT * 5)
+    lines.extend(corpus_lines())
     return lines
 
 

@@ -25,7 +25,8 @@ def synth(
                                     help="Share of images with no lesion (empty mask, an answer that says so)."),
     phrasing: str = typer.Option("standard", "--phrasing",
                                  help="How the answers word positions: standard, plain ('upper left', 'centre'), "
-                                      "radiology ('left upper quadrant') or anatomical ('superior left aspect')."),
+                                      "radiology ('left upper quadrant'), anatomical ('superior left aspect') or "
+                                      "outermost ('uppermost leftmost corner')."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Write a synthetic position-reasoning dataset in the PRS-Med layout."""

@@ -215,6 +215,16 @@ PHRASINGS: dict[str, Phrasing] = {
         ("Two lesions: at the {a} and at the {b}.",),
         ("Without {target} on this image.",),
     ),
+    # Words the tiny model's vocabulary (prsmed.data.vocabulary) does not hold: what fine-tuning does when a dataset
+    # asks for words the base never wrote.
+    "outermost": Phrasing(
+        {"top left": "uppermost leftmost corner", "top right": "uppermost rightmost corner",
+         "bottom left": "lowermost leftmost corner", "bottom right": "lowermost rightmost corner",
+         "center": "exact middle"},
+        ("{target} sits at the {a}.",),
+        ("Lesions at the {a} and at the {b}.",),
+        ("No {target} here.",),
+    ),
 }
 
 assert len(TRAIN_QUESTIONS) == 50 and len(TEST_QUESTIONS) == 5

@@ -43,7 +43,7 @@ INTENDED_USE = (
     "Research use only. Not a medical device and not for diagnosis or treatment decisions. Outputs (masks and "
     "position descriptions) can be wrong and must be reviewed by a qualified clinician."
 )
-PARTS = ("vision_encoder", "fusion_head", "modality_head", "llm_image_path")
+PARTS = ("vision_encoder", "fusion_head", "modality_head", "llm_image_path", "llm_output")
 OVERRIDE_HINT = "--allow-other-base-weights (in Python: allow_other_base_weights=True)"
 
 log = logging.getLogger(__name__)
@@ -282,11 +282,14 @@ class BundleWeights:
 
     @classmethod
     def capture(cls, model) -> "BundleWeights":
-        """A copy of ``model``'s own weights for every part a bundle may carry, to restore them later."""
+        """A copy of ``model``'s own weights for every part a bundle for it may carry (the parts its spec trains;
+        :func:`read_bundle` refuses others), to restore them later. Untrained parts are not copied: for the 7B
+        model, its CLIP tower and output layer would cost gigabytes for nothing."""
+        train = model.spec.train
         parts = {
             part: {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()}
             for part in PARTS
-            if getattr(model, part) is not None
+            if getattr(model, part) is not None and getattr(train, part)
         }
         lora = None
         if model.peft_model is not None:
@@ -319,6 +322,10 @@ def read_bundle(bundle_dir: str | Path, model, *, allow_other_base_weights: bool
                 f"bundle {bundle_dir} LoRA config {manifest.lora.model_dump()} differs from this model's "
                 f"{spec.lora.model_dump() if spec.lora else None}"
             )
+    untrained = [part for part in manifest.parts if not getattr(spec.train, part, False)]
+    if untrained:
+        raise BundleError(f"bundle {bundle_dir} carries weights for {', '.join(untrained)}, which this model's spec "
+                          f"({spec.name!r}) does not train; load it on a model whose spec trains them")
     states = {part: read_state_dict(bundle_dir / f"{part}.safetensors") for part in manifest.parts}
     lora_state = read_state_dict(bundle_dir / "lora" / "adapter_model.safetensors") if manifest.lora else None
     for part, state in states.items():

@@ -139,6 +139,9 @@ class PRSMedModel(nn.Module):
         if train.llm_image_path and self.llm_image_path is not None:
             for n, p in self.llm_image_path.named_parameters():
                 p.requires_grad_(True)
+        if train.llm_output and self.llm_output is not None:
+            for p in self.llm_output.parameters():
+                p.requires_grad_(True)
         for part, flag in (("vision_encoder", train.vision_encoder), ("fusion_head", train.fusion_head)):
             for n, p in getattr(self, part).named_parameters():
                 p.requires_grad_(flag and f"{part}.{n}" not in self._self_frozen)
@@ -155,6 +158,12 @@ class PRSMedModel(nn.Module):
             return None
         return nn.ModuleDict({"tower": path[0], "projector": path[1]})
 
+    @property
+    def llm_output(self) -> nn.Module | None:
+        """The LLM's output layer (``lm_head``), or None when the LLM cannot say. A bundle carries it as a part
+        when the spec trains it."""
+        return self.llm.output_layer()
+
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         counts = {}
         for name in ("vision_encoder", "llm", "fusion_head", "modality_head"):
@@ -168,6 +177,13 @@ class PRSMedModel(nn.Module):
             }
         lora = sum(p.numel() for n, p in self.llm.named_parameters() if "lora_" in n)
         counts["llm"]["lora"] = lora
+        path = self.llm.image_path()
+        if path is not None:
+            # Trained in full when the spec says so (prsmed-tiny's tower learns a new look through its probe).
+            counts["llm"]["image_tower"] = sum(p.numel() for m in path for p in m.parameters() if p.requires_grad)
+        head = self.llm_output
+        if head is not None:
+            counts["llm"]["output_layer"] = sum(p.numel() for p in head.parameters() if p.requires_grad)
         return counts
 
     # inputs ----------------------------------------------------------------------------------------------------

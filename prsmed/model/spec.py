@@ -50,6 +50,9 @@ class TrainSpec(BaseModel):
     # The LLM's own image tower and projector, in full: for a small tower, which fine-tuning teaches a new look
     # through the model's tower probe (prsmed-tiny; prsmed/train/tower_probe.py). The 7B models keep LLaVA-Med's.
     llm_image_path: bool = False
+    # The LLM's output layer (lm_head), in full: for a small text model, whose LoRA on attention alone cannot move
+    # the first word of an answer to a dataset's (prsmed-tiny; docs/training.md). The 7B models keep LLaVA-Med's.
+    llm_output: bool = False
 
 
 class ModelSpec(BaseModel):

@@ -89,6 +89,9 @@ class TrainConfig(BaseModel):
                                 "model 0 = off)")
     tower_lr: float | None = Field(None, gt=0, description="learning rate of the LLM's image tower and projector "
                                    "when the model trains them (default: the model's; otherwise lr)")
+    tower_warmup_steps: int = Field(0, ge=0, description="steps in which the LLM's image tower learns a new look "
+                                    "alone, through its probe, before the first training step (default: the "
+                                    "model's; 0: none)")
 
     # precision and memory
     precision: Precision = Field("auto", description="auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that has it)")

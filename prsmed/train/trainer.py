@@ -224,6 +224,49 @@ class Trainer:
                      "%.2f of the training rows it read before training)", self.tower_reads)
         return probe, ImageTokens(model)
 
+    def warm_up_tower(self) -> None:
+        """On a fresh run whose tower learns the look, first teach the tower alone through the probe for
+        ``tower_warmup_steps`` steps (seconds), so the text model's LoRA adapts to image tokens that already mark
+        the lesion rather than to ones still moving. A resumed run has its tower in the checkpoint."""
+        cfg, probe = self.config, self.tower_probe
+        if probe is None or not cfg.tower_warmup_steps:
+            return
+        from prsmed.data.readers import read_image, read_mask
+
+        t0 = time.monotonic()
+        images, masks = [], []
+        for row in self.split.train[:512]:
+            try:
+                image, mask = read_image(row.image_path).convert("RGB"), read_mask(row.mask_path)
+            except Exception:  # noqa: BLE001 - unreadable rows are skipped here; the loop reports them
+                continue
+            images.append(image)
+            masks.append(mask)
+        if not images:
+            return
+        llm = self.model.llm
+        pixels = llm.preprocess_images(images).to(self.device)
+        targets = token_targets(masks, probe.tokens).to(self.device)
+        params = self._tower_params()
+        lr = cfg.tower_lr or cfg.lr
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.tower_warmup_steps, eta_min=lr * 0.05)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for _ in range(cfg.tower_warmup_steps):
+            idx = torch.randint(0, len(pixels), (min(cfg.batch_size, len(pixels)),), generator=gen)
+            with self._autocast():
+                tokens = llm.image_features(pixels[idx.to(self.device)])
+            loss = probe.loss(tokens.float(), targets.rows(idx.to(self.device)))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+        self.dist.broadcast_([p.data for p in params])  # ranks agree exactly, whatever the device's arithmetic
+        if self.dist.main:
+            log.info("the LLM's image tower learnt the look through its probe for %d steps first (%.1f s, probe "
+                     "loss %.3f)", cfg.tower_warmup_steps, time.monotonic() - t0, float(loss.detach()))
+
     def _tower_params(self) -> list[torch.nn.Parameter]:
         path = self.model.llm.image_path()
         if path is None:
@@ -278,6 +321,7 @@ class Trainer:
         self.setup()
         if self.step == 0:
             self.evaluate_before()
+            self.warm_up_tower()
         status = self.train_loop()
         return self.finish(status)
 

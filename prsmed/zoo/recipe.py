@@ -18,10 +18,11 @@ stages:
 2. **Grounding stage.** With the tower frozen, only the LLM's text model trains, on the real questions answered
    in sentences built from each mask: half of the draws in one house wording with the canonical zone words ("The
    nodule is in the top left.", "The nodule is in the top left, and another nodule is in the bottom right.", "No
-   nodule is visible in this image."), half in the synthetic data's varied wording (twenty frames, synonyms
-   such as "upper left" or "left upper", "near the centre"), drawn afresh at every draw. The greedy answer is then
-   the house sentence, a whole sentence that ends cleanly; the varied ones give the text model the words a user's
-   dataset may use, so that fine-tuning only has to prefer them. (Revisions 1-5 answered with the zones alone,
+   nodule is visible in this image."), a fifth in a report's words (prsmed.data.vocabulary: "superior left
+   aspect", "is noted in", "Impression:"), the rest in the synthetic data's varied wording (twenty frames,
+   synonyms such as "upper left" or "left upper", "near the centre"), drawn afresh at every draw. The greedy
+   answer is then the house sentence, a whole sentence that ends cleanly; the others give the text model the words
+   a user's dataset may use, so that fine-tuning only has to prefer them. (Revisions 1-5 answered with the zones alone,
    "top left.": their text model knew no other words, and fine-tuning on sentences broke it.) The questions are
    perturbed (:func:`noisy_question`) so the answer comes to depend on the image alone, which carries it to
    question wordings it never saw. 6% of the images show no lesion, so the model learns to say so. Lung CT
@@ -55,6 +56,7 @@ from prsmed.data.layout import load_records
 from prsmed.data.readers import read_image, read_mask
 from prsmed.data.synth import STYLES, synthesize
 from prsmed.data.templates import make_qa
+from prsmed.data.vocabulary import vocabulary_answer
 from prsmed.data.zones import ZONES, find_components, zone_of_mask
 from prsmed.eval.runner import mask_zones
 from prsmed.train.tower_probe import PROBE_FILE, token_targets
@@ -82,12 +84,17 @@ class RecipeConfig:
     # Grounding stage: how much more often images with two lesions are drawn (revision 6: 3, with lung CT images
     # having two nodules half of the time; revision 5: 8 with 30%; either way about three in four lung CT draws).
     multi_lesion_weight: float = 3.0
-    # The share of grounding draws answered with the house sentence rather than the data's varied wording.
+    # The share of grounding draws answered with the house sentence, and with a report's words (the position
+    # vocabulary, revision 7: "superior left aspect", "is noted in"); the rest in the data's varied wording. Before
+    # revision 7 the text model never wrote those words, and fine-tuning on a dataset that uses them broke its
+    # sentences ("noted in the left lower region.", bench/RESULTS.md).
     house_fraction: float = 0.5
+    vocabulary_fraction: float = 0.2
     # Images with no lesion (an empty mask, an answer that says so), and lung CT images with two nodules.
     no_lesion_fraction: float = 0.06
     two_lesion_fraction: float = 0.5
-    grounding_steps: int = 3500
+    # 4,500 (3,500 before revision 7): the draws now spread over three wordings.
+    grounding_steps: int = 4500
     grounding_batch: int = 16
     grounding_lr: float = 1e-3
     # Seven epochs (revision 5: six, 1,800 steps at batch 8, whose validation Dice was still rising at the end; 0.87).
@@ -262,12 +269,16 @@ def house_answer(lesions: Sequence[tuple[str, bool]], target: str) -> str:
 
 
 def grounding_answer(lesions: Sequence[tuple[str, bool]], target: str, rng: random.Random,
-                     house_fraction: float) -> str:
-    """The answer the grounding stage teaches for one draw: the house sentence ``house_fraction`` of the time, else
-    a sentence in the synthetic data's varied wording (twenty frames, synonyms such as "upper left" or "left
-    upper", "near the centre"), drawn afresh at every draw."""
-    if rng.random() < house_fraction:
+                     house_fraction: float, vocabulary_fraction: float = 0.0) -> str:
+    """The answer the grounding stage teaches for one draw: the house sentence ``house_fraction`` of the time, a
+    sentence in a report's words (prsmed.data.vocabulary: "superior left aspect", "is noted in", "Impression:")
+    ``vocabulary_fraction`` of the time, else one in the synthetic data's varied wording (twenty frames, synonyms
+    such as "upper left" or "left upper", "near the centre"); drawn afresh at every draw."""
+    u = rng.random()
+    if u < house_fraction:
         return house_answer(lesions, target)
+    if u < house_fraction + vocabulary_fraction:
+        return vocabulary_answer(lesions, target, rng)
     return make_qa(lesions, modality="", target=target, split="train", rng=rng, question="").answer
 
 
@@ -322,7 +333,8 @@ def train_grounding(model, records, lesions: dict, cfg: RecipeConfig) -> dict[st
         picks = torch.multinomial(weights, cfg.grounding_batch, replacement=True, generator=gen)
         batch = [records[i] for i in picks]
         questions = [noisy_question(r.question, words, pool) for r in batch]
-        targets = [grounding_answer(lesions[r.mask_path], target_of(r), answers, cfg.house_fraction) for r in batch]
+        targets = [grounding_answer(lesions[r.mask_path], target_of(r), answers, cfg.house_fraction,
+                                    cfg.vocabulary_fraction) for r in batch]
         inputs = model.llm.encode(model.prompts(questions), [images[r.image_path] for r in batch], targets)
         loss = model.llm(inputs).loss
         _optimizer_step(opt, sched, loss, params)
@@ -336,11 +348,12 @@ def train_grounding(model, records, lesions: dict, cfg: RecipeConfig) -> dict[st
 
 # The revision the recipe's weights are written as; the prsmed-tiny preset takes its revision from the weights.json
 # that save_assets writes, so raising this one constant before a rebuild is all a new revision needs.
-WEIGHTS_REVISION = "6"
+WEIGHTS_REVISION = "7"
 WEIGHTS_TRAINED_ON = (
     "Synthetic drawings only: procedural images in six imaging styles standing for the paper's six modalities "
     "(brain MRI, ultrasound, lung CT, chest X-ray, endoscopy, dermoscopy), generated by `prsmed data synth`, "
-    "6% of them with no lesion; answers are sentences in the synthetic data's wording. No real scan was used."
+    "6% of them with no lesion; answers are sentences in the synthetic data's wording and in a fixed vocabulary of "
+    "report words for positions. No real scan was used."
 )
 WEIGHTS_INTENDED_USE = (
     "A small model for demonstrations, tests and fine-tuning experiments on CPU. Not for clinical use and not for "
