@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prsmed.weights import CheckpointError
+from prsmed.weights import CheckpointError, LoadReport, load_strict, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,16 @@ def detect_layout(keys: Sequence[str] | Mapping[str, object], layouts: Sequence[
     raise CheckpointError(f"not a {what} checkpoint: expected keys under {listed}; found {shown}")
 
 
+def unwrapped(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state`` without the ``module.`` prefix a DistributedDataParallel wrapper puts on every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def split_checkpoint(state: Mapping[str, torch.Tensor], layouts: Sequence[Layout], *, what: str) -> SplitCheckpoint:
     """``state`` mapped onto the module's names by its detected layout (see the module docs)."""
-    if state and all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = unwrapped(state)
     layout = detect_layout(state, layouts, what=what)
     rename = layout.rename or (lambda key: key)
     kept: dict[str, torch.Tensor] = {}
@@ -70,3 +76,10 @@ def split_checkpoint(state: Mapping[str, torch.Tensor], layouts: Sequence[Layout
         else:
             kept[key] = tensor
     return SplitCheckpoint(layout=layout.name, state=kept, ignored=ignored)
+
+
+def load_checkpoint(module, path, split: Callable[[Mapping[str, torch.Tensor]], SplitCheckpoint]) -> LoadReport:
+    """Read ``path``, split it with ``split`` (a component's :func:`split_checkpoint` over its layouts) and load the
+    result strictly into ``module``; the report names the layout and the tensors left out."""
+    parts = split(read_state_dict(path))
+    return load_strict(module, parts.state, source=f"{path} ({parts.layout} layout)", ignored=parts.ignored)

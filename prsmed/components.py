@@ -133,3 +133,24 @@ def parse_options(component_id: str, options_cls: type[BaseModel], options: dict
                 problems.append(message)
         accepted = ", ".join(options_cls.model_fields)
         raise ComponentError(f"{component_id}: {'; '.join(problems)}. Accepted options: {accepted}") from None
+
+
+def module_spec(kind: str, name: str, module_cls: Callable[[Any], Any], options_cls: type[BaseModel],
+                description: str) -> ComponentSpec:
+    """The spec of a component built straight from its validated options: ``options_cls`` answers the contract
+    (its ``contract()``), ``module_cls(options)`` is the module, and a ``checkpoint`` option is loaded strictly."""
+    component_id = f"{kind}/{name}"
+
+    def contract(**options: Any):
+        return parse_options(component_id, options_cls, options).contract()
+
+    def build(**options: Any):
+        from prsmed.weights import load_strict, read_state_dict
+
+        parsed = parse_options(component_id, options_cls, options)
+        module = module_cls(parsed)
+        if getattr(parsed, "checkpoint", None) is not None:
+            load_strict(module, read_state_dict(parsed.checkpoint), source=str(parsed.checkpoint))
+        return module
+
+    return ComponentSpec(kind=kind, name=name, build=build, contract=contract, description=description)

@@ -11,16 +11,14 @@ strictly and, in eval mode without ``prompt_mask``, the output matches theirs (s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
-from prsmed.components import ComponentSpec, FusionHeadContract, parse_options
+from prsmed.components import FusionHeadContract, module_spec
 from prsmed.interfaces import FusionHead
-from prsmed.weights import load_strict, read_state_dict
 
 
 class PromptedMaskDecoderOptions(BaseModel):
@@ -208,25 +206,13 @@ def check_inputs(
     return ~prompt_mask.to(device=prompt_embeddings.device, dtype=torch.bool)
 
 
-# --- the component: contract, builder ---------------------------------------------------------------------------
+# --- the component ------------------------------------------------------------------------------------------------
 
-def contract(**options: Any) -> FusionHeadContract:
-    return parse_options("fusion_head/prsmed", PromptedMaskDecoderOptions, options).contract()
-
-
-def build(**options: Any) -> PromptedMaskDecoder:
-    parsed = parse_options("fusion_head/prsmed", PromptedMaskDecoderOptions, options)
-    module = PromptedMaskDecoder(parsed)
-    if parsed.checkpoint is not None:
-        load_strict(module, read_state_dict(parsed.checkpoint), source=str(parsed.checkpoint))
-    return module
-
-
-SPEC = ComponentSpec(
-    kind="fusion_head",
-    name="prsmed",
-    build=build,
-    contract=contract,
-    description="PRS-Med's PromptedMaskDecoder: image tokens cross-attend to the LLM states, one encoder layer, conv head, "
-                "bilinear x16; loads the authors' mask_decoder.pth",
+SPEC = module_spec(
+    "fusion_head",
+    "prsmed",
+    PromptedMaskDecoder,
+    PromptedMaskDecoderOptions,
+    "PRS-Med's PromptedMaskDecoder: image tokens cross-attend to the LLM states, one encoder layer, conv head, "
+    "bilinear x16; loads the authors' mask_decoder.pth",
 )

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
 from torch import nn
 
-from prsmed.components import ComponentSpec, FusionHeadContract, parse_options
+from prsmed.components import FusionHeadContract, module_spec
 from prsmed.interfaces import FusionHead
-from prsmed.weights import load_strict, read_state_dict
 from prsmed_plugins.fusion_heads.prompted_mask_decoder import check_inputs
 
 
@@ -215,24 +213,12 @@ class TwoWayFusionHead(FusionHead):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-# --- the component: contract, builder ---------------------------------------------------------------------------
+# --- the component ------------------------------------------------------------------------------------------------
 
-def contract(**options: Any) -> FusionHeadContract:
-    return parse_options("fusion_head/two-way", TwoWayOptions, options).contract()
-
-
-def build(**options: Any) -> TwoWayFusionHead:
-    parsed = parse_options("fusion_head/two-way", TwoWayOptions, options)
-    module = TwoWayFusionHead(parsed)
-    if parsed.checkpoint is not None:
-        load_strict(module, read_state_dict(parsed.checkpoint), source=str(parsed.checkpoint))
-    return module
-
-
-SPEC = ComponentSpec(
-    kind="fusion_head",
-    name="two-way",
-    build=build,
-    contract=contract,
-    description="SAM-style two-way transformer with a learned mask token and a hypernetwork mask, bilinear to x16",
+SPEC = module_spec(
+    "fusion_head",
+    "two-way",
+    TwoWayFusionHead,
+    TwoWayOptions,
+    "SAM-style two-way transformer with a learned mask token and a hypernetwork mask, bilinear to x16",
 )

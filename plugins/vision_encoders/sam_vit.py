@@ -21,7 +21,7 @@ from prsmed import checkpoint_layouts as layouts
 from prsmed.checkpoint_layouts import Layout, SplitCheckpoint
 from prsmed.components import ComponentError, ComponentSpec, VisionEncoderContract, parse_options
 from prsmed.interfaces import VisionEncoder
-from prsmed.weights import CheckpointError, LoadReport, load_strict, read_state_dict
+from prsmed.weights import CheckpointError, LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +263,7 @@ def build_sam_vit(**options: Any) -> SamViTEncoder:
     module.load_report = report
     module.contract = contract_for(config)
     if opts.checkpoint is not None:
-        source = str(opts.checkpoint)
-        split = split_checkpoint(read_state_dict(opts.checkpoint))
-        module.load_report = load_strict(module, split.state, source=f"{source} ({split.layout} layout)",
-                                         ignored=split.ignored)
+        module.load_report = layouts.load_checkpoint(module, opts.checkpoint, split_checkpoint)
     return module
 
 

@@ -31,7 +31,7 @@ from prsmed import checkpoint_layouts as layouts
 from prsmed.checkpoint_layouts import Layout, SplitCheckpoint
 from prsmed.components import ComponentSpec, VisionEncoderContract, parse_options
 from prsmed.interfaces import VisionEncoder
-from prsmed.weights import CheckpointError, load_strict, read_state_dict
+from prsmed.weights import CheckpointError
 
 #: Total downsampling from pixels to the output grid: 4 in the patch embedding, 2 in each of the first two
 #: patch-merging steps; the last merge keeps the resolution.
@@ -315,10 +315,9 @@ def detect_layout(keys: Sequence[str] | Mapping[str, object]) -> str:
 def split_checkpoint(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> SplitCheckpoint:
     """Keep the encoder tensors of ``state`` under this module's names and list the ones that were skipped
     (prsmed.checkpoint_layouts); the authors' two copies of the encoder must agree."""
+    state = layouts.unwrapped(state)
     split = layouts.split_checkpoint(state, LAYOUTS, what=WHAT)
     if split.layout == "prsmed-authors":
-        state = {k[len("module."):]: v for k, v in state.items()} if all(k.startswith("module.") for k in state) \
-            else state
         _check_duplicate(state, split.state, source)
     return split
 
@@ -393,10 +392,8 @@ def build_tinysam(**options: Any) -> TinySAMEncoder:
     module.contract = contract_for(opts.img_size, opts.out_channels)
     module.load_report = None
     if opts.checkpoint is not None:
-        source = str(opts.checkpoint)
-        split = split_checkpoint(read_state_dict(opts.checkpoint), source=source)
-        module.load_report = load_strict(module, split.state, source=f"{source} ({split.layout} layout)",
-                                         ignored=split.ignored)
+        module.load_report = layouts.load_checkpoint(
+            module, opts.checkpoint, lambda state: split_checkpoint(state, source=str(opts.checkpoint)))
     return module
 
 
