@@ -43,6 +43,12 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 
 
+def predict(url: str, image: bytes, question: str = "Where is the lesion?", **fields) -> httpx.Response:
+    """POST one image and question to ``/v1/predict`` as a form, the way a browser or curl would."""
+    files = {"image": ("scan.png", image, "application/octet-stream")}
+    return httpx.post(url + "/v1/predict", files=files, data={"question": question, **fields}, timeout=60)
+
+
 def start_server(data_dir: Path, *args: str, env: dict | None = None, timeout: float = 120) -> Server:
     """``prsmed serve`` on free ports with its state in ``data_dir``; returns once ``/readyz`` answers 200."""
     port, grpc_port = free_port(), free_port()

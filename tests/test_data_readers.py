@@ -9,8 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from prsmed.data.readers import (
     WINDOW_PRESETS,
@@ -20,6 +18,7 @@ from prsmed.data.readers import (
     read_mask,
     sniff_format,
 )
+from samples import write_dicom
 
 
 def _px(img: Image.Image) -> np.ndarray:
@@ -31,36 +30,6 @@ def _gray(img: Image.Image) -> np.ndarray:
     a = _px(img)
     assert np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])
     return a[..., 0]
-
-
-def _write_dicom(path, pixels: np.ndarray, *, photometric="MONOCHROME2", slope=None, intercept=None,
-                 window=None, signed=False, preamble=True):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1 if signed else 0
-    if slope is not None:
-        ds.RescaleSlope = str(slope)
-        ds.RescaleIntercept = str(intercept)
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = str(window[0]), str(window[1])
-    ds.PixelData = pixels.astype(np.int16 if signed else np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=preamble)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,7 +94,7 @@ def test_jpeg_and_bytes_input(tmp_path):
 
 def test_dicom_rescale_and_file_window(tmp_path):
     stored = np.array([[0, 500], [1000, 1524]], dtype=np.uint16)
-    path = _write_dicom(tmp_path / "ct.dcm", stored, slope=1, intercept=-1024, window=(40, 400))
+    path = write_dicom(tmp_path / "ct.dcm", stored, slope=1, intercept=-1024, window=(40, 400))
     hu = stored.astype(float) - 1024  # -1024, -524, -24, 500
     expected = np.rint(np.clip((hu - (40 - 200)) / 400, 0, 1) * 255).astype(np.uint8)
     assert np.array_equal(_gray(read_image(path)), expected)
@@ -138,7 +107,7 @@ def test_dicom_rescale_and_file_window(tmp_path):
 
 def test_dicom_slope_and_all_presets(tmp_path):
     stored = np.array([[10, 20], [30, 40]], dtype=np.uint16)
-    path = _write_dicom(tmp_path / "s.dcm", stored, slope=2.5, intercept=-50)
+    path = write_dicom(tmp_path / "s.dcm", stored, slope=2.5, intercept=-50)
     values = stored * 2.5 - 50  # -25, 0, 25, 50
     for name, (c, w) in WINDOW_PRESETS.items():
         assert np.array_equal(_gray(read_image(path, window=name)), apply_window(values, c, w)), name
@@ -151,8 +120,8 @@ def test_dicom_slope_and_all_presets(tmp_path):
 
 def test_dicom_monochrome1_is_inverted_and_signed_pixels(tmp_path):
     stored = np.array([[-100, 0], [100, 200]], dtype=np.int16)
-    p2 = _write_dicom(tmp_path / "m2.dcm", stored, signed=True)
-    p1 = _write_dicom(tmp_path / "m1.dcm", stored, signed=True, photometric="MONOCHROME1")
+    p2 = write_dicom(tmp_path / "m2.dcm", stored, signed=True)
+    p1 = write_dicom(tmp_path / "m1.dcm", stored, signed=True, photometric="MONOCHROME1")
     a2, a1 = _gray(read_image(p2)), _gray(read_image(p1))
     assert a2.tolist() == [[0, 85], [170, 255]]
     assert np.array_equal(a1, 255 - a2)
@@ -161,7 +130,7 @@ def test_dicom_monochrome1_is_inverted_and_signed_pixels(tmp_path):
 def test_dicom_multiframe_frames_and_bytes(tmp_path):
     frames = np.stack([np.full((4, 4), v, np.uint16) for v in (0, 100, 200)])
     frames[:, 0, 0] = 1000  # make each frame non-constant so min-max keeps the frame's own level visible
-    path = _write_dicom(tmp_path / "mf.dcm", frames, window=(100, 200))
+    path = write_dicom(tmp_path / "mf.dcm", frames, window=(100, 200))
     assert _gray(read_image(path))[2, 2] == 128  # middle frame by default: value 100 in window 0..200
     assert _gray(read_image(f"{path}#frame=0"))[2, 2] == 0
     assert _gray(read_image(f"{path}#frame=2"))[2, 2] == 255
@@ -173,7 +142,7 @@ def test_dicom_multiframe_frames_and_bytes(tmp_path):
 
 
 def test_dicom_without_preamble_needs_a_dcm_name(tmp_path):
-    path = _write_dicom(tmp_path / "raw.dcm", np.array([[0, 10]], np.uint16), preamble=False)
+    path = write_dicom(tmp_path / "raw.dcm", np.array([[0, 10]], np.uint16), preamble=False)
     assert path.read_bytes()[128:132] != b"DICM"
     assert _gray(read_image(path)).tolist() == [[0, 255]]
 
@@ -291,7 +260,7 @@ def test_corrupt_and_unsupported_inputs_raise_image_read_error(tmp_path):
         read_image(tmp_path / "missing.png")
     with pytest.raises(ImageReadError, match="gzip file that is not NIfTI"):
         read_image(gzip.compress(b"x" * 600))
-    dcm = _write_dicom(tmp_path / "t.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8)).read_bytes()
+    dcm = write_dicom(tmp_path / "t.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8)).read_bytes()
     with pytest.raises(ImageReadError, match="DICOM"):
         read_image(dcm[:-40], name="cut.dcm")
     nii = gzip.compress(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)).to_bytes())
@@ -306,7 +275,7 @@ def test_corrupt_and_unsupported_inputs_raise_image_read_error(tmp_path):
 
 def test_dicom_multivalued_window_and_missing_pixels(tmp_path):
     stored = np.array([[0, 100], [200, 300]], dtype=np.uint16)
-    path = _write_dicom(tmp_path / "mv.dcm", stored)
+    path = write_dicom(tmp_path / "mv.dcm", stored)
     import pydicom
 
     ds = pydicom.dcmread(str(path))

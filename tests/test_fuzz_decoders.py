@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from prsmed.data.readers import ImageReadError, read_image, read_mask
+from samples import write_dicom
 
 EXAMPLES = int(os.environ.get("PRSMED_FUZZ_EXAMPLES", "250"))
 # CI replays the same examples; a longer campaign (PRSMED_FUZZ_EXAMPLES set) draws new ones each run.
@@ -48,11 +49,9 @@ def _jpeg() -> bytes:
 def _dicom() -> bytes:
     import tempfile
 
-    from test_data_readers import _write_dicom
-
     with tempfile.TemporaryDirectory() as tmp:
         pixels = np.arange(16 * 12, dtype=np.uint16).reshape(16, 12)
-        return _write_dicom(Path(tmp) / "slice.dcm", pixels, slope=1, intercept=-1024, window=(40, 400)).read_bytes()
+        return write_dicom(Path(tmp) / "slice.dcm", pixels, slope=1, intercept=-1024, window=(40, 400)).read_bytes()
 
 
 def _nifti(compressed: bool) -> bytes:

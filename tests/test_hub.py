@@ -19,7 +19,7 @@ from prsmed.infer import Predictor
 from prsmed.infer.adapters import AdapterStore
 from prsmed.model.bundle import BundleError, save_bundle
 from prsmed.zoo import build_model
-from samples import perturbed_bundle, scan
+from samples import perturbed_bundle, png_bytes, scan
 
 ALICE, BOB = "hf_alice_0123456789abcdef", "hf_bob_0123456789abcdef"
 
@@ -171,7 +171,6 @@ def test_cli_push_pull_and_offline_mode(hub, bundles, tmp_path):
 def test_service_pulls_pushes_and_predicts_with_hub_references(hub, bundles, tmp_path):
     from prsmed_sdk import Client, NotFound, Unauthorized
     from serving import start_server
-    from test_service import png_bytes
 
     push(bundles / "v1", "alice/served", private=True, token=ALICE, endpoint=hub.url)
     srv = start_server(tmp_path / "data", "--grpc-port", "-1", env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import signal
 import struct
 import zlib
 
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 
 from samples import png_bytes
+from serving import predict
 
 ZONES = {"top left", "top right", "bottom left", "bottom right", "center", "none"}
 
@@ -29,11 +29,6 @@ def bomb_png(w=30000, h=30000) -> bytes:
 @pytest.fixture(scope="module")
 def server(shared_server):
     return shared_server  # conftest.py: its limit on a prediction's size is 2 MiB, which these tests rely on
-
-
-def predict(url, image: bytes, question="Where is the lesion?", **fields):
-    files = {"image": ("scan.png", image, "application/octet-stream")}
-    return httpx.post(url + "/v1/predict", files=files, data={"question": question, **fields}, timeout=60)
 
 
 def test_predict_over_rest(server):

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from samples import dataset_zip
-from serving import start_server
+from samples import dataset_zip, png_bytes
+from serving import predict, start_server
 
 
 def events(url: str, job_id: str, timeout: float = 600):
@@ -76,7 +76,6 @@ def test_jobs_over_rest_survive_a_server_killed_mid_job(tmp_path):
         assert httpx.get(f"{srv.url}/v1/jobs/{running['id']}").json()["attempts"] >= 2
         assert {j["id"] for j in httpx.get(srv.url + "/v1/jobs").json()} >= {running["id"], waiting["id"]}
         assert {"resumed", "waited"} <= {a["name"] for a in httpx.get(srv.url + "/v1/adapters").json()}
-        from test_service import png_bytes, predict
 
         r = predict(srv.url, png_bytes(), adapter="waited")
         assert r.status_code == 200 and r.json()["adapter"] == "waited"

@@ -22,7 +22,7 @@ from prsmed.interfaces import LLMOutput
 from prsmed.model.bundle import read_manifest, verify_bundle
 from prsmed.model.prsmed_model import PRSMedModel
 from prsmed.model.spec import ComponentRef
-from prsmed.train import TrainConfig, Trainer, run_training
+from prsmed.train import Trainer, run_training
 from prsmed.train.answer_eval import AnswerTally, repeats_a_word, score_answers
 from prsmed.train.checkpoint import CheckpointManager
 from prsmed.train.report import combined_score, format_report

@@ -216,3 +216,47 @@ def fit_probe(model, records: Sequence, *, steps: int = 400, batch: int = 128, s
         opt.step()
     probe.requires_grad_(False)
     return probe, probe.zone_exact(feats, targets)
+
+
+def tower_params(model, trainable: Sequence[tuple[str, nn.Parameter]]) -> list[nn.Parameter]:
+    """The trained parameters that sit on the LLM's image path (its tower and projector); [] when it has none."""
+    path = model.llm.image_path()
+    if path is None:
+        return []
+    inside = {id(p) for module in path for p in module.parameters()}
+    return [p for _, p in trainable if id(p) in inside]
+
+
+def warm_up(model, probe: TowerProbe, params: list[nn.Parameter], records: Sequence, *, steps: int, lr: float,
+            batch_size: int, seed: int, device, autocast) -> float | None:
+    """Teach the tower alone through the frozen probe for ``steps`` steps on up to 512 of ``records``, so the text
+    model's LoRA then adapts to image tokens that already mark the lesion rather than to ones still moving.
+    Returns the last probe loss, or None when no row could be read. ``autocast`` makes a fresh autocast context."""
+    from prsmed.train.data import BadRow, read_pair
+
+    pairs = []
+    for record in list(records)[:512]:
+        try:
+            pairs.append(read_pair(record))
+        except BadRow:  # the loop reports unreadable rows
+            continue
+    if not pairs:
+        return None
+    llm = model.llm
+    pixels = llm.preprocess_images([image.convert("RGB") for image, _ in pairs]).to(device)
+    targets = token_targets([mask for _, mask in pairs], probe.tokens).to(device)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
+    gen = torch.Generator().manual_seed(seed)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        idx = torch.randint(0, len(pixels), (min(batch_size, len(pixels)),), generator=gen).to(device)
+        with autocast():
+            tokens = llm.image_features(pixels[idx])
+        loss = probe.loss(tokens.float(), targets.rows(idx))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    return float(loss.detach())

@@ -5,8 +5,9 @@ the LM loss and, masked to the prompt tokens, to the fusion head). Several proce
 epoch's batches by rank and average gradients with one all-reduce per optimizer step; only rank 0 writes files.
 
 What is not the loop lives beside it: the collectives (distributed.py), device and precision policy (device.py),
-one forward and its loss (step.py), what a run reports as it goes (run_log.py) and how a run ends, with its exit
-codes, signals, ``--on-finish`` and failure summaries (lifecycle.py).
+one forward and its loss (step.py), what a run reports as it goes (run_log.py), how a run ends, with its exit
+codes, signals, ``--on-finish`` and failure summaries (lifecycle.py), checkpoint files (checkpoint.py) and what a
+checkpoint must share with the run resuming from it (run_state.py), and the image tower's probe (tower_probe.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from prsmed.train.checkpoint import (
     capture_rng,
     restore_rng,
 )
-from prsmed.train.config import RESUMABLE_OVERRIDES, TrainConfig
+from prsmed.train.config import TrainConfig
 from prsmed.train.data import (
     Batch,
     EpochBatches,
@@ -63,6 +64,7 @@ from prsmed.train.lifecycle import (
 )
 from prsmed.train.losses import LossWeights, soft_dice
 from prsmed.train.run_log import RunLog, setup_logging
+from prsmed.train.run_state import RunIdentity, copy_trained, trained_tensors
 from prsmed.train import step as forward_step
 from prsmed.train.report import build_report, combined_score, eval_line
 from prsmed.train.tower_probe import (
@@ -72,7 +74,9 @@ from prsmed.train.tower_probe import (
     load_probe,
     probe_reads,
     token_targets,
+    tower_params,
     unstretch,
+    warm_up,
 )
 from prsmed.weights import CheckpointError
 
@@ -226,53 +230,24 @@ class Trainer:
 
     def warm_up_tower(self) -> None:
         """On a fresh run whose tower learns the look, first teach the tower alone through the probe for
-        ``tower_warmup_steps`` steps (seconds), so the text model's LoRA adapts to image tokens that already mark
-        the lesion rather than to ones still moving. A resumed run has its tower in the checkpoint."""
-        cfg, probe = self.config, self.tower_probe
-        if probe is None or not cfg.tower_warmup_steps:
+        ``tower_warmup_steps`` steps (seconds). A resumed run has its tower in the checkpoint."""
+        cfg = self.config
+        if self.tower_probe is None or not cfg.tower_warmup_steps:
             return
-        from prsmed.data.readers import read_image, read_mask
-
         t0 = time.monotonic()
-        images, masks = [], []
-        for row in self.split.train[:512]:
-            try:
-                image, mask = read_image(row.image_path).convert("RGB"), read_mask(row.mask_path)
-            except Exception:  # noqa: BLE001 - unreadable rows are skipped here; the loop reports them
-                continue
-            images.append(image)
-            masks.append(mask)
-        if not images:
-            return
-        llm = self.model.llm
-        pixels = llm.preprocess_images(images).to(self.device)
-        targets = token_targets(masks, probe.tokens).to(self.device)
         params = self._tower_params()
-        lr = cfg.tower_lr or cfg.lr
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.tower_warmup_steps, eta_min=lr * 0.05)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        for _ in range(cfg.tower_warmup_steps):
-            idx = torch.randint(0, len(pixels), (min(cfg.batch_size, len(pixels)),), generator=gen)
-            with self._autocast():
-                tokens = llm.image_features(pixels[idx.to(self.device)])
-            loss = probe.loss(tokens.float(), targets.rows(idx.to(self.device)))
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+        loss = warm_up(self.model, self.tower_probe, params, self.split.train, steps=cfg.tower_warmup_steps,
+                       lr=cfg.tower_lr or cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, device=self.device,
+                       autocast=self._autocast)
+        if loss is None:
+            return
         self.dist.broadcast_([p.data for p in params])  # ranks agree exactly, whatever the device's arithmetic
         if self.dist.main:
             log.info("the LLM's image tower learnt the look through its probe for %d steps first (%.1f s, probe "
-                     "loss %.3f)", cfg.tower_warmup_steps, time.monotonic() - t0, float(loss.detach()))
+                     "loss %.3f)", cfg.tower_warmup_steps, time.monotonic() - t0, loss)
 
     def _tower_params(self) -> list[torch.nn.Parameter]:
-        path = self.model.llm.image_path()
-        if path is None:
-            return []
-        inside = {id(p) for module in path for p in module.parameters()}
-        return [p for _, p in self.trainable if id(p) in inside]
+        return tower_params(self.model, self.trainable)
 
     def enable_grad_checkpointing(self) -> None:
         enable_grad_checkpointing(self.model)
@@ -625,18 +600,8 @@ class Trainer:
         return self.elapsed_before + (time.monotonic() - self.started)
 
     # checkpoints ---------------------------------------------------------------------------------------------
-    def _trained_keys(self) -> list[str]:
-        """Trained parameters, plus the buffers (e.g. BatchNorm statistics) of the non-LLM components that train."""
-        trained = {n for n, _ in self.trainable}
-        parts = {n.split(".", 1)[0] for n in trained} - {"llm"}
-        params = {n for n, _ in self.model.named_parameters()}
-        return [k for k in self.model.state_dict()
-                if k in trained or (k not in params and k.split(".", 1)[0] in parts)]
-
     def _trained_tensors(self) -> dict[str, torch.Tensor]:
-        state = self.model.state_dict(keep_vars=True)
-        return {k: state[k].data if isinstance(state[k], torch.nn.Parameter) else state[k]
-                for k in self._trained_keys()}
+        return trained_tensors(self.model, self.trainable)
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -713,17 +678,7 @@ class Trainer:
         ckpt = self.manager.load(chosen)
         st = ckpt.state
         self._check_compatible(ckpt)
-        own = self._trained_tensors()
-        missing, extra = sorted(set(own) - set(ckpt.trained)), sorted(set(ckpt.trained) - set(own))
-        if missing or extra:
-            raise CheckpointError(f"{chosen}: trained tensors do not fit this model ({len(missing)} missing, e.g. "
-                                  f"{missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]})")
-        with torch.no_grad():
-            for k, t in own.items():
-                src = ckpt.trained[k]
-                if tuple(src.shape) != tuple(t.shape):
-                    raise CheckpointError(f"{chosen}: {k} is {tuple(src.shape)} but the model has {tuple(t.shape)}")
-                t.copy_(src.to(t.dtype))
+        copy_trained(self._trained_tensors(), ckpt)
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.scheduler.load_state_dict(ckpt.scheduler)
         if ckpt.scaler is not None and self.scaler.is_enabled():
@@ -755,27 +710,9 @@ class Trainer:
         return True
 
     def _check_compatible(self, ckpt: Checkpoint) -> None:
-        st = ckpt.state
-        where = ckpt.path
-        if st.get("world_size") != self.dist.world_size:
-            raise TrainingError(f"{where} was written by {st.get('world_size')} processes but this run has "
-                                f"{self.dist.world_size}; resume with the same number of processes")
-        # A field that became resumable since the checkpoint was written no longer counts.
-        theirs = {k: v for k, v in st.get("recipe", {}).items() if k not in RESUMABLE_OVERRIDES}
-        ours = self.config.recipe()
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        if diff:
-            shown = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in diff[:6])
-            raise TrainingError(f"{where} belongs to a run with a different recipe ({shown}); resume with the same "
-                                f"options, or start a new run in a new --out")
-        if st.get("model", {}).get("fingerprint") != self.model.spec.fingerprint():
-            raise TrainingError(f"{where} was trained on model {st.get('model')} but this is "
-                                f"{self.model.spec.name!r} ({self.model.spec.fingerprint()})")
-        if st.get("data_manifest_sha256") != self.data_sha256:
-            raise TrainingError(f"{where} was trained on data with manifest {st.get('data_manifest_sha256')} but "
-                                f"{self.config.data} now has {self.data_sha256}; the data changed since the checkpoint")
-        if st.get("optimizer_params") != [n for n, _ in self.trainable]:
-            raise TrainingError(f"{where}: the trained parameters differ from this model's")
+        RunIdentity(world_size=self.dist.world_size, recipe=self.config.recipe(), model_name=self.model.spec.name,
+                    fingerprint=self.model.spec.fingerprint(), data=str(self.config.data),
+                    data_sha256=self.data_sha256, params=[n for n, _ in self.trainable]).check(ckpt)
 
     # bad rows --------------------------------------------------------------------------------------------------
     def _note_bad(self, bad: list[tuple[int, str]]) -> None:
@@ -877,11 +814,7 @@ class Trainer:
 
         use_best = self._adapter_uses_best()
         if use_best and self.best_step != self.step:
-            best = self.manager.load(self.manager.root / self.manager.best)
-            own = self._trained_tensors()
-            with torch.no_grad():
-                for k, t in own.items():
-                    t.copy_(best.trained[k].to(t.dtype))
+            copy_trained(self._trained_tensors(), self.manager.load(self.manager.root / self.manager.best))
             log.info("adapter: using the best checkpoint (%s, validation score %.4f)", self.manager.best,
                      self.best_metric)
         training = {
