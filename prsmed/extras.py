@@ -12,9 +12,16 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("bentoml", "fastapi", "grpc", "grpc_health", "grpc_reflection", "multipart", "httpx", "gradio"),
     "demo": ("gradio", "pandas", "httpx"),
     "convert": ("sentencepiece", "google.protobuf"),
+    "wandb": ("wandb",),
+    "cloud": ("sky",),
+    "s3": ("s3fs",),
+    "gcs": ("gcsfs",),
+    "azure": ("adlfs",),
 }
 WHAT = {"serve": "the service (prsmed serve)", "demo": "the demo (prsmed demo)",
-        "convert": "converting LLaVA-Med's original tokenizer"}
+        "convert": "converting LLaVA-Med's original tokenizer", "wandb": "reporting to Weights & Biases "
+        "(--report-to wandb)", "cloud": "launching on a cloud GPU (prsmed launch)", "s3": "checkpoints in s3://",
+        "gcs": "checkpoints in gs://", "azure": "checkpoints in az://"}
 
 
 class MissingExtra(ImportError):
@@ -40,4 +47,5 @@ def require(extra: str) -> None:
     if absent:
         raise MissingExtra(f"{WHAT[extra]} needs the optional packages of prsmed[{extra}], and "
                            f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed: "
-                           f"pip install 'prsmed[{extra}]' (in a checkout: pip install -e '.[{extra}]', or make serve)")
+                           f"pip install 'prsmed[{extra}]' (in a checkout: pip install -e '.[{extra}]'"
+                           f"{', or make serve' if extra in ('serve', 'demo') else ''})")

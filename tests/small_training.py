@@ -256,3 +256,21 @@ def driver(tmp_path: Path) -> tuple[Path, Path]:
     spec = tmp_path / "spec.json"
     spec.write_text(SPEC.model_dump_json())
     return script, spec
+
+
+def assert_same_weights(want_dir: Path, got_dir: Path, why: str) -> None:
+    want, got = trained_state(want_dir), trained_state(got_dir)
+    assert want.keys() == got.keys(), why
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k} ({why}): {m}")
+
+
+# 4 training rows, batch 1, 3 epochs: 12 steps, a checkpoint every 3 and at each epoch end.
+SINGLE = {"epochs": 3, "batch_size": 1, "save_every": 3}
+
+
+def single_process_args(script: Path, spec: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(script), "--model", str(spec), "--data", str(data), "--out", str(out),
+            "--epochs", str(SINGLE["epochs"]), "--batch-size", str(SINGLE["batch_size"]),
+            "--save-every", str(SINGLE["save_every"]), "--no-progress", "--no-tensorboard", "--lr", "1e-3",
+            "--min-lr", "1e-5", *extra]

@@ -13,18 +13,16 @@ import random
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from prsmed.train import EXIT_PREEMPTED
 from prsmed.train.checkpoint import CheckpointManager
-from small_training import (FAIL_SAVES_ENV, SIGTERM_DEADLINE_S, VENV_BIN, config, driver, metrics, run,
-                            trained_state)
+from small_training import (FAIL_SAVES_ENV, SIGTERM_DEADLINE_S, SINGLE, VENV_BIN, assert_same_weights, config,
+                            driver, metrics, run, single_process_args)
 
 
 def fault_rng() -> tuple[int, random.Random]:
@@ -72,26 +70,8 @@ def kill_tree(proc: subprocess.Popen, sig: int) -> None:
             pass
 
 
-def assert_same_weights(want_dir: Path, got_dir: Path, why: str) -> None:
-    want, got = trained_state(want_dir), trained_state(got_dir)
-    assert want.keys() == got.keys(), why
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k} ({why}): {m}")
-
-
 def train_steps(run_dir: Path) -> list[int]:
     return [m["step"] for m in metrics(run_dir) if m["kind"] == "train"]
-
-
-# 4 training rows, batch 1, 3 epochs: 12 steps, a checkpoint every 3 and at each epoch end.
-SINGLE = {"epochs": 3, "batch_size": 1, "save_every": 3}
-
-
-def single_process_args(script: Path, spec: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(script), "--model", str(spec), "--data", str(data), "--out", str(out),
-            "--epochs", str(SINGLE["epochs"]), "--batch-size", str(SINGLE["batch_size"]),
-            "--save-every", str(SINGLE["save_every"]), "--no-progress", "--no-tensorboard", "--lr", "1e-3",
-            "--min-lr", "1e-5", *extra]
 
 
 @pytest.mark.slow

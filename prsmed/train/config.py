@@ -16,10 +16,12 @@ RESUMABLE_OVERRIDES = frozenset(
         "out", "data", "resume", "save_every", "keep_last", "max_hours", "max_cost", "gpu", "usd_per_hour",
         "on_finish", "stop_after", "progress", "tensorboard", "log_every", "num_workers", "device",
         "early_stop_patience", "adapter_weights", "grad_checkpointing", "val_answer_rows", "val_max_new_tokens",
+        "checkpoint_uri", "report_to",
     }
 )
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+REPORT_TO = ("tensorboard", "wandb")
 # How long a run lasts is defaulted as one: a user who sets either gets no model default for the other.
 DURATION = frozenset({"epochs", "max_steps"})
 
@@ -116,6 +118,9 @@ class TrainConfig(BaseModel):
     save_every: int | None = Field(None, gt=0, description="checkpoint every N steps (and always at epoch ends)")
     keep_last: int = Field(3, gt=0, description="checkpoints kept (the best one is kept too)")
     resume: bool = Field(False, description="continue from the newest good checkpoint in out")
+    checkpoint_uri: str | None = Field(None, description="also mirror every checkpoint and the final adapter to this "
+                                       "fsspec URL (s3://, gs://, az://, file://); with --resume, a newer checkpoint "
+                                       "there is restored first (docs/cloud-training.md)")
     adapter_weights: Literal["best", "last"] = Field("best", description="best or last: the weights written to "
                                                      "RUN/adapter when the run validates")
 
@@ -133,7 +138,11 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="data-loading worker processes")
     log_every: int = Field(1, gt=0, description="write metrics every N steps")
     progress: bool = Field(True, description="show a progress bar")
-    tensorboard: bool = Field(True, description="write TensorBoard events")
+    tensorboard: bool = Field(True, description="write TensorBoard events (off: TensorBoard is left out of "
+                              "report_to)")
+    report_to: str = Field("tensorboard", description="where metrics go besides metrics.jsonl, comma-separated: "
+                           "tensorboard, wandb (the prsmed[wandb] extra; WANDB_PROJECT and WANDB_MODE as wandb reads "
+                           "them), or none")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -148,6 +157,12 @@ class TrainConfig(BaseModel):
             raise ValueError("--max-cost needs a price: pass --usd-per-hour X or --gpu NAME")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas ({self.betas[0]}, {self.betas[1]}) must each be at least 0 and below 1")
+        unknown = set(self.destinations()) - set(REPORT_TO)
+        if unknown or not self.report_to.strip():
+            raise ValueError(f"report_to {self.report_to!r}: expected a comma-separated list of "
+                             f"{', '.join(REPORT_TO)}, or none")
+        if self.checkpoint_uri is not None and not self.checkpoint_uri.strip():
+            raise ValueError("checkpoint_uri is empty: give a URL such as s3://bucket/run, or leave it out")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self
@@ -163,6 +178,13 @@ class TrainConfig(BaseModel):
             # The median on-demand price of the planner's catalogue (prsmed/plan/catalogue.toml, $PRSMED_CATALOGUE).
             return load_catalogue().hourly_price(self.gpu) * world_size
         return None
+
+    def destinations(self) -> list[str]:
+        """The metric destinations this run reports to (``report_to`` less TensorBoard when it is switched off)."""
+        named = [d.strip().lower() for d in self.report_to.split(",") if d.strip()]
+        if "none" in named:
+            return []
+        return [d for d in dict.fromkeys(named) if self.tensorboard or d != "tensorboard"]
 
     def recipe(self) -> dict:
         """The fields that define what the run computes (compared on resume)."""

@@ -1,4 +1,5 @@
-"""What a run reports as it goes: ``metrics.jsonl``, TensorBoard events, the progress bar and ``train.log``."""
+"""What a run reports as it goes: ``metrics.jsonl``, TensorBoard events and Weights & Biases (``report_to``), the
+progress bar and ``train.log``."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ log = logging.getLogger("prsmed.train")
 
 
 class RunLog:
-    """``metrics.jsonl``, TensorBoard events and the progress bar. Inert unless ``enabled`` (rank 0)."""
+    """``metrics.jsonl``, TensorBoard events, a wandb run and the progress bar. Inert unless ``enabled`` (rank 0).
+    ``config`` is what the wandb run records as its configuration."""
 
-    def __init__(self, out: Path, *, enabled: bool, tensorboard: bool, progress: bool) -> None:
+    def __init__(self, out: Path, *, enabled: bool, destinations: list[str], progress: bool,
+                 config: dict[str, Any] | None = None) -> None:
         self.path = out / "metrics.jsonl"
-        self.enabled, self.tensorboard, self.progress = enabled, tensorboard, progress
+        self.enabled, self.progress = enabled, progress
+        self.tensorboard, self.wandb = "tensorboard" in destinations, "wandb" in destinations
+        self.config = config or {}
         self._writer = None
+        self._wandb = None
         self._bar = None
         self._redirect = None
 
@@ -40,6 +46,8 @@ class RunLog:
                 self._writer = SummaryWriter(str(self.path.parent / "tb"), purge_step=step + 1 if resumed else None)
             except ImportError as e:
                 log.warning("TensorBoard logging is off (%s); install tensorboard to enable it", e)
+        if self.wandb:
+            self._wandb = open_wandb(self.path.parent, self.config)
 
     def start_progress(self, *, step: int, total: int) -> None:
         if self.enabled and self.progress:
@@ -63,11 +71,15 @@ class RunLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        # Charts are named train/<metric> and val/<metric> (val/score, not val/val_score).
+        prefix = "val" if record.get("kind") == "eval" else "train"
+        scalars = {f"{prefix}/{k.removeprefix(prefix + '_')}": v for k, v in record.items()
+                   if k not in ("kind", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._writer is not None:
-            prefix = "val" if record.get("kind") == "eval" else "train"
-            for k, v in record.items():
-                if k not in ("kind", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._writer.add_scalar(f"{prefix}/{k}", v, record["step"])
+            for name, v in scalars.items():
+                self._writer.add_scalar(name, v, record["step"])
+        if self._wandb is not None and scalars:
+            self._wandb.log({**scalars, "step": record["step"]})
 
     def close(self) -> None:
         if self._redirect is not None:
@@ -79,6 +91,32 @@ class RunLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def open_wandb(out: Path, config: dict[str, Any]):
+    """A wandb run for this run directory. Its id is kept in ``RUN/wandb-run-id``, so a resumed run (a new
+    process, a new machine with the same --out or --checkpoint-uri) continues the same wandb run. Project, entity
+    and mode come from wandb's own variables (WANDB_PROJECT, default "prsmed"; WANDB_MODE=offline for none)."""
+    import os
+    import uuid
+
+    from prsmed.extras import require
+
+    require("wandb")
+    import wandb
+
+    id_file = out / "wandb-run-id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "prsmed"), id=run_id, resume="allow", dir=str(out),
+                     name=out.name, config=config)
+    # Our step counter is the x axis of every chart, so a resumed run's repeated steps overwrite, not append.
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def step_of(line: str) -> int:

@@ -63,6 +63,7 @@ from prsmed.train.lifecycle import (
     write_failed_summary,
 )
 from prsmed.train.losses import LossWeights, soft_dice
+from prsmed.train.remote import CheckpointMirror, RemoteError, shown
 from prsmed.train.run_log import RunLog, setup_logging
 from prsmed.train.run_state import RunIdentity, copy_trained, trained_tensors
 from prsmed.train import step as forward_step
@@ -87,6 +88,9 @@ _STOPS = ("", "paused", "budget_exhausted", "preempted")
 # The untrained tower's probe reading the zones of this share of training rows or more: the tower stays frozen.
 # prsmed-tiny's probe reads 0.77-0.82 of fresh images of the looks it knows, 0.12-0.52 of three it never saw.
 TOWER_READS_ENOUGH = 0.7
+# How long the end of a run waits for its uploads to --checkpoint-uri: on preemption a cloud gives 30 s to 2 min
+# before it kills the machine, and a cut-off upload is harmless (no marker).
+MIRROR_WAIT_S = {"preempted": 90.0, "done": 1800.0}
 # Loss parts averaged across processes for logging.
 _PARTS = ("loss", "loss_seg", "loss_bce", "loss_iou", "loss_dice", "loss_lm", "loss_cls", "cls_weight", "loss_tower")
 
@@ -159,8 +163,10 @@ class Trainer:
         self.last_eval_step = -1
         self.last_saved_step = -1
         self.manager = CheckpointManager(self.out / "checkpoints", keep_last=config.keep_last)
-        self.runlog = RunLog(self.out, enabled=self.dist.main, tensorboard=config.tensorboard,
-                             progress=config.progress)
+        self.runlog = RunLog(self.out, enabled=self.dist.main, destinations=config.destinations(),
+                             progress=config.progress, config=config.model_dump(mode="json"))
+        self.mirror: CheckpointMirror | None = None  # --checkpoint-uri, on rank 0
+        self.mirror_wait = MIRROR_WAIT_S["done"]
 
     # setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -182,9 +188,28 @@ class Trainer:
                                         cls=cfg.cls_weight, cls_epochs=cfg.cls_epochs)
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
+        self._open_mirror()
         resumed = self.resume() if cfg.resume else self._refuse_existing()
         self.runlog.open(step=self.step, resumed=resumed)
         self.dist.broadcast_(self._trained_tensors().values())
+
+    def _open_mirror(self) -> None:
+        """Open --checkpoint-uri and prove it writable before the first step (rank 0; every process learns why
+        not, so all stop together)."""
+        uri = self.config.checkpoint_uri
+        if not uri:
+            return
+        error = None
+        if self.dist.main:
+            try:
+                self.mirror = CheckpointMirror(uri, keep_last=self.config.keep_last)
+                self.mirror.check_access()
+                log.info("checkpoints are mirrored to %s", shown(uri))
+            except RemoteError as e:
+                error = str(e)
+        error = self.dist.broadcast_object(error)
+        if error:
+            raise TrainingError(error)
 
     def prepare_model(self) -> None:
         """fp32 master copies of every trained parameter; the frozen base LLM optionally in the low dtype."""
@@ -651,6 +676,8 @@ class Trainer:
             try:
                 path = self.manager.save(ckpt, is_best=is_best)
                 log.info("checkpoint %s written", path)
+                if self.mirror is not None:
+                    self.mirror.submit(path, best=self.manager.best)
             except CheckpointWriteError as e:
                 error = str(e)
         # Every process learns whether the write worked, so a failure stops them all together.
@@ -665,10 +692,17 @@ class Trainer:
         if existing:
             raise TrainingError(f"{self.out} already holds checkpoints ({', '.join(existing[-3:])}); pass --resume to "
                                 f"continue that run, or choose a new --out")
+        remote = self.dist.broadcast_object(self.mirror.complete() if self.mirror is not None else [])
+        if remote:
+            raise TrainingError(f"--checkpoint-uri {shown(self.config.checkpoint_uri or '')} already holds checkpoints "
+                                f"({', '.join(remote[-3:])}); pass --resume to continue that run, or choose a new URI")
         return False
 
     def resume(self) -> bool:
-        """Restore the newest good checkpoint: weights, optimizer, schedule, scaler, RNG, data position."""
+        """Restore the newest good checkpoint: weights, optimizer, schedule, scaler, RNG, data position. With
+        --checkpoint-uri, a newer one there than on the local disk is downloaded first."""
+        if self.mirror is not None:
+            self.mirror.restore_newer(self.manager)
         chosen = self.manager.latest_valid() if self.dist.main else None
         chosen = self.dist.broadcast_object(None if chosen is None else str(chosen))
         if chosen is None:
@@ -766,13 +800,30 @@ class Trainer:
         metrics = self._final_metrics()
         if not resumable:
             adapter = self.write_adapter(status, {**metrics, "report": report})
+        if self.mirror is not None and adapter is not None:
+            self.mirror.submit_tree(adapter, "adapter")
+        self.mirror_wait = MIRROR_WAIT_S["preempted" if resumable else "done"]
+        self._flush_mirror()
         reason = self._stop_detail or {"completed": f"trained {self.step} steps"}.get(status, status)
         result = RunResult(status=status, exit_code=EXIT_CODES[status], reason=reason, step=self.step,
                            metrics=metrics, checkpoint=latest, adapter=adapter, bad_rows=len(self.bad_rows),
                            report=report)
         self.write_summary(result)
+        if self.mirror is not None:
+            self.mirror.submit_file(self.out / "summary.json")
         self.close()
         return result
+
+    def _flush_mirror(self) -> None:
+        """Wait for the queued uploads; on preemption this is what the exit waits for (bounded: a checkpoint
+        whose upload is cut off has no marker and is never used)."""
+        if self.mirror is None:
+            return
+        timeout = self.mirror_wait
+        if not self.mirror.flush(timeout):
+            self.mirror_wait = 0.0  # said once; the rest of the exit does not wait again
+            log.warning("uploads to %s were still running after %.0f s; the last complete checkpoint there is "
+                        "what a resume will use", shown(self.mirror.uri), timeout)
 
     def _final_metrics(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {"steps": self.step, "epochs": round(self._epoch_progress(), 4),
@@ -853,6 +904,8 @@ class Trainer:
             "world_size": self.dist.world_size,
             "precision": self.precision,
         }
+        if self.mirror is not None:
+            summary["checkpoint_uri"] = self.mirror.describe()
         if self.signalled_at is not None and result.status == "preempted":
             # the preemption deadline a cloud gives (30 s to 2 min) is measured against this
             summary["signal_to_checkpoint_s"] = round(time.monotonic() - self.signalled_at, 3)
@@ -867,6 +920,7 @@ class Trainer:
 
     def close(self) -> None:
         self.runlog.close()
+        self._flush_mirror()
         if getattr(self, "image_tokens", None) is not None:
             self.image_tokens.close()
 
