@@ -24,6 +24,7 @@ app.add_typer(convert_app, name="convert")
 
 def _mount_commands() -> None:
     # Each family's commands live beside the code they drive; importing them is cheap (no torch at import).
+    from prsmed.cloud.cli import launch_app
     from prsmed.data.cli import data_app
     from prsmed.eval.cli import eval_command, eval_masks_command
     from prsmed.infer.cli import predict_command
@@ -36,6 +37,7 @@ def _mount_commands() -> None:
     app.command("eval-masks")(eval_masks_command)
     app.command("predict")(predict_command)
     app.add_typer(plan_app, name="plan")
+    app.add_typer(launch_app, name="launch")
 
 
 _mount_commands()

@@ -168,3 +168,16 @@ def test_sigterm_waits_for_the_upload_of_its_last_checkpoint(tmp_path, data, sto
     # The checkpoint written on SIGTERM is complete in the bucket before the process is gone.
     assert f"spot/checkpoints/{last}/{MARKER}" in store.keys("spot/"), store.keys("spot/")
     assert summary["checkpoint_uri"]["last_uploaded"] == last
+
+
+def test_a_dataset_in_a_bucket_is_fetched_to_a_folder(tmp_path, store, s3_env):
+    from prsmed.cloud.fetch import main as fetch_main
+
+    client = store.client()
+    for key, body in (("data/annotations/brain.csv", b"image,mask\n"), ("data/images/a.png", b"png"),
+                      ("data/images/sub/b.png", b"png2")):
+        client.put_object(Bucket="runs", Key=key, Body=body)
+    assert fetch_main(["s3://runs/data", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d/images/sub/b.png").read_bytes() == b"png2"
+    assert (tmp_path / "d/annotations/brain.csv").is_file() and (tmp_path / "d/.fetched").is_file()
+    assert fetch_main(["s3://runs/nothing-here", str(tmp_path / "e")]) == 1

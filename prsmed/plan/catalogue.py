@@ -25,6 +25,8 @@ class GPU(BaseModel):
     tflops_bf16: float = Field(ge=0)
     tflops_fp16: float = Field(gt=0)
     tflops_fp32: float = Field(gt=0)
+    # The accelerator's name as SkyPilot spells it (`sky show-gpus`), for `prsmed launch`; "" where it has none.
+    sky: str = ""
 
     def tflops(self, precision: str) -> float:
         if precision == "fp32":

@@ -44,6 +44,7 @@ MARKER = "COMPLETE"
 _STEP = re.compile(r"^step-(\d{8})$")
 # URL scheme -> the extra that installs its fsspec back-end (prsmed/extras.py)
 BACKENDS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+UPLOAD_NICENESS = 10
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY|ACCOUNT_KEY|SAS|API_KEY", re.I)
 
 
@@ -95,6 +96,7 @@ class CheckpointMirror:
         self.errors: list[str] = []
         self.uploaded: list[str] = []
         self._thread: threading.Thread | None = None
+        self._newest: Path | None = None
 
     # access ---------------------------------------------------------------------------------------------------
     def check_access(self) -> None:
@@ -116,7 +118,9 @@ class CheckpointMirror:
 
     # uploading ------------------------------------------------------------------------------------------------
     def submit(self, local: Path, *, best: str | None = None) -> None:
-        """Queue a committed checkpoint directory for upload (then prune the remote, keeping ``best``)."""
+        """Queue a committed checkpoint directory for upload (then prune the remote, keeping ``best``). One still
+        waiting when a newer one is queued is skipped: the remote only ever needs the newest."""
+        self._newest = Path(local)
         self._put(("checkpoint", Path(local), best))
 
     def submit_tree(self, local: Path, name: str) -> None:
@@ -144,9 +148,17 @@ class CheckpointMirror:
         return True
 
     def _work(self) -> None:
+        try:
+            # Linux: this thread only, at a lower priority, so on a machine short of cores the training step keeps
+            # its CPU and the upload takes what is left.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
+        except (AttributeError, OSError):
+            pass
         while True:
             kind, local, extra = self._queue.get()
             try:
+                if kind == "checkpoint" and local != self._newest:
+                    continue  # superseded while it waited
                 if kind == "checkpoint":
                     self._upload_checkpoint(local, best=extra)
                 elif kind == "tree":
