@@ -59,7 +59,11 @@ def test_a_killed_run_whose_disk_is_lost_resumes_from_the_bucket_exactly(tmp_pat
         proc = subprocess.Popen(single_process_args(script, spec, data, out, "--checkpoint-uri", uri),
                                 stdout=f, stderr=subprocess.STDOUT, env=store.env())
     deadline = time.monotonic() + 180
-    while not any(k.endswith(MARKER) for k in store.keys("killed/checkpoints/step-00000006/")):
+    def complete_steps() -> list[int]:
+        return [int(k.split("/")[2][5:]) for k in store.keys("killed/checkpoints/") if k.endswith(MARKER)]
+
+    # A checkpoint from the middle of the run (one still queued when a newer one is written is skipped).
+    while not any(6 <= step < 12 for step in complete_steps()):
         assert proc.poll() is None, log.read_text()[-2000:]
         assert time.monotonic() < deadline, "no complete checkpoint reached the bucket"
         time.sleep(0.05)
@@ -87,9 +91,10 @@ def test_cut_off_and_damaged_remote_checkpoints_are_skipped(tmp_path, store, s3_
     local = CheckpointManager(tmp_path / "local", keep_last=5)
     mirror = CheckpointMirror("s3://runs/partial", keep_last=5)
     mirror.check_access()
-    for step in (1, 2, 3):
+    for step in (1, 2, 3):  # each uploaded before the next is written (a newer one queued would replace it)
         mirror.submit(local.save(_checkpoint(step)))
-    assert mirror.flush(60) and mirror.complete() == ["step-00000001", "step-00000002", "step-00000003"]
+        assert mirror.flush(60)
+    assert mirror.complete() == ["step-00000001", "step-00000002", "step-00000003"]
     client = store.client()
     client.delete_object(Bucket="runs", Key=f"partial/checkpoints/step-00000003/{MARKER}")  # upload cut off
     client.put_object(Bucket="runs", Key="partial/checkpoints/step-00000002/trained.safetensors", Body=b"\0" * 64)
@@ -142,7 +147,7 @@ def test_file_urls_mirror_too(tmp_path):
     mirror.check_access()
     for step in (1, 2, 3):
         mirror.submit(local.save(_checkpoint(step)), best="step-00000001" if step > 1 else None)
-    assert mirror.flush(30)
+        assert mirror.flush(30)
     # keep-last 2 applies remotely, and the best one is kept too
     assert mirror.complete() == ["step-00000001", "step-00000002", "step-00000003"]
     mirror.keep_last = 1
@@ -181,3 +186,26 @@ def test_a_dataset_in_a_bucket_is_fetched_to_a_folder(tmp_path, store, s3_env):
     assert (tmp_path / "d/images/sub/b.png").read_bytes() == b"png2"
     assert (tmp_path / "d/annotations/brain.csv").is_file() and (tmp_path / "d/.fetched").is_file()
     assert fetch_main(["s3://runs/nothing-here", str(tmp_path / "e")]) == 1
+
+
+def test_a_checkpoint_superseded_while_it_waits_is_not_uploaded(tmp_path):
+    import threading
+
+    local = CheckpointManager(tmp_path / "local", keep_last=5)
+    mirror = CheckpointMirror(f"file://{tmp_path}/remote", keep_last=5)
+    entered, gate = threading.Event(), threading.Event()
+    real = mirror._upload_checkpoint
+
+    def held(path, *, best):  # the first upload waits until the next two checkpoints are queued behind it
+        entered.set()
+        gate.wait(30)
+        real(path, best=best)
+
+    mirror._upload_checkpoint = held
+    mirror.submit(local.save(_checkpoint(1)))
+    assert entered.wait(30)
+    for step in (2, 3):
+        mirror.submit(local.save(_checkpoint(step)))
+    gate.set()
+    assert mirror.flush(30)
+    assert mirror.complete() == ["step-00000001", "step-00000003"] and mirror.uploaded == mirror.complete()
