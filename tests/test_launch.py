@@ -144,11 +144,12 @@ def _row(gpu, *, fits=True, needs=None, max_batch=8, vram=24.0, batch=8, accum=1
 
 def test_candidates_share_one_batch_that_fits_every_gpu_offered():
     report = {"options": {"catalogue": None}, "rows": [
-        _row("t4", fits=True, needs="a 4-bit base and --grad-checkpointing", max_batch=1, vram=15),
+        _row("v100", fits=False, needs="a 4-bit base and --grad-checkpointing", max_batch=1, vram=16),
+        _row("t4", needs="--precision fp16, --grad-checkpointing", max_batch=1, vram=15),
         _row("rtx4090", needs="--grad-checkpointing", max_batch=2, vram=24, batch=2, accum=4),
         _row("a100-80gb", max_batch=8, vram=80),
         _row("h100", max_batch=8, vram=80),
-        _row("v100", fits=False, max_batch=0, vram=16),
+        _row("l4", fits=False, max_batch=0, vram=22),
     ]}
     got = candidates(report, batch_size=None, grad_checkpointing=False, gpus=None, clouds=None, max_usd_per_hour=None)
     # The smallest card that can run it sets the batch: 2 x 4 with checkpointing, which the larger ones run too.
@@ -158,5 +159,5 @@ def test_candidates_share_one_batch_that_fits_every_gpu_offered():
     got = candidates(report, batch_size=8, grad_checkpointing=False, gpus=None, clouds=None, max_usd_per_hour=None)
     assert got["gpus"] == ["a100-80gb", "h100"]
     with pytest.raises(LaunchError, match="no GPU"):
-        candidates(report, batch_size=None, grad_checkpointing=False, gpus=["t4", "v100"], clouds=None,
+        candidates(report, batch_size=None, grad_checkpointing=False, gpus=["t4", "v100", "l4"], clouds=None,
                    max_usd_per_hour=None)

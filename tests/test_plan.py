@@ -204,3 +204,46 @@ def test_the_planner_simulates_the_trainers_own_forward_and_loss(monkeypatch, tm
                                       tower_weight=0))
     assert result.status == "completed", result.reason
     assert len(callers) > planned, "the trainer's step did not go through prsmed.train.step.model_loss"
+
+
+def _card(name: str, vram: float, *, bf16: bool = True) -> str:
+    return (f'[[gpu]]\nname = "{name}"\nlabel = "{name}"\nvram_gib = {vram:.4f}\nbf16 = {str(bf16).lower()}\n'
+            f'tflops_bf16 = {100 if bf16 else 0}\ntflops_fp16 = 100\ntflops_fp32 = 10\n'
+            f'[[offer]]\nplatform = "Cloud"\ngpu = "{name}"\nusd_h = 1.0\n')
+
+
+def test_a_row_never_fits_with_options_the_trainer_lacks_and_names_those_it_needs(tmp_path):
+    from prsmed.plan.estimate import trace_for
+
+    opts = PlanOptions(model="prsmed-tiny", epochs=1, dataset_size=100)
+    plain = Memory.from_trace(trace_for(opts), "bf16")
+    checkpointed = Memory.from_trace(trace_for(opts, grad_checkpointing=True), "bf16")
+    four_bit = Memory.from_trace(trace_for(opts, grad_checkpointing=True), "4bit")
+    assert four_bit.total(1) < checkpointed.total(1) < plain.total(1)
+    mid = lambda lo, hi: (lo + hi) / 2 / GIB  # noqa: E731 - a card whose memory sits between two needs
+    cards = [_card("qlora-only", mid(four_bit.total(1), checkpointed.total(1))),
+             _card("ckpt-only", mid(checkpointed.total(1), plain.total(1))),
+             _card("tight", plain.total(8) / 0.95 / GIB), _card("roomy", 80), _card("no-bf16", 80, bf16=False)]
+    path = tmp_path / "cards.toml"
+    path.write_text('date = "2026-01-01"\n[[platform]]\nname = "Cloud"\n' + "".join(cards))
+    report = plan(opts.model_copy(update={"catalogue": str(path)}))
+    rows = {r["gpu"]: r for r in report["rows"]}
+
+    qlora = rows["qlora-only"]
+    assert not qlora["fits"] and "4-bit" in qlora["why"] and "cannot load" in qlora["why"]
+    assert rows["ckpt-only"]["fits"] and rows["ckpt-only"]["needs"] == "--grad-checkpointing"
+    assert rows["no-bf16"]["fits"] and rows["no-bf16"]["needs"] == "--precision fp16"
+    assert rows["tight"]["fits"] and rows["tight"]["tight"] and not rows["roomy"]["tight"]
+    assert rows["roomy"]["needs"] is None
+    # Asking for a 4-bit base outright: every row is an estimate, none fits, and nothing is recommended.
+    asked = plan(opts.model_copy(update={"catalogue": str(path), "precision": "4bit"}))
+    assert not any(r["fits"] for r in asked["rows"]) and asked["train_command"] is None
+    # The recommendation comes with the command line that runs it.
+    assert report["train_command"].startswith("prsmed train --model prsmed-tiny --data DATA --out RUN")
+    best = next(r for r in report["rows"] if r["fits"])
+    assert f"--batch-size {best['recommended_batch']} --grad-accum {best['grad_accum']}" in report["train_command"]
+    table = CliRunner().invoke(app, ["plan", "--model", "prsmed-tiny", "--catalogue", str(path), "--epochs", "1",
+                                     "--dataset-size", "100"])
+    assert table.exit_code == 0, table.output
+    assert "prsmed train --model prsmed-tiny" in table.output and "cannot load" in table.output
+    assert "yes, tight" in table.output

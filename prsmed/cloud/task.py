@@ -57,13 +57,14 @@ def scheme(uri: str) -> str:
 def candidates(report: dict[str, Any], *, batch_size: int | None, grad_checkpointing: bool,
                gpus: list[str] | None, clouds: list[str] | None, max_usd_per_hour: float | None) -> dict[str, Any]:
     """From ``prsmed plan``'s report: the batch, accumulation and checkpointing of the run, and the GPUs (with
-    their SkyPilot names) on which that run fits. Rows that fit only with a 4-bit base are left out: the trainer
-    cannot load one."""
+    their SkyPilot names) on which that run fits (the planner never says a row that needs a 4-bit base fits: the
+    trainer cannot load one)."""
     from prsmed.plan.catalogue import load_catalogue
 
     catalogue = load_catalogue(report["options"].get("catalogue"))
     sky_name = {g.name: g.sky for g in catalogue.gpu}
-    usable = [r for r in report["rows"] if r["fits"] and not (r["needs"] and "4-bit" in r["needs"])]
+    # Rows that need another precision are left out: one task is one run, in the precision asked.
+    usable = [r for r in report["rows"] if r["fits"] and "--precision" not in (r["needs"] or "")]
     if gpus:
         unknown = sorted(set(gpus) - set(sky_name))
         if unknown:
@@ -86,11 +87,11 @@ def candidates(report: dict[str, Any], *, batch_size: int | None, grad_checkpoin
         # The largest batch (up to the paper's 8) that fits the smallest card: every larger one fits it too.
         smallest = min(usable, key=lambda r: (r["max_batch"], r["vram_gb"]))
         batch, accum = smallest["recommended_batch"], smallest["grad_accum"]
-        checkpointing = grad_checkpointing or bool(smallest["needs"])
+        checkpointing = grad_checkpointing or "--grad-checkpointing" in (smallest["needs"] or "")
     else:
         batch, accum, checkpointing = batch_size, None, grad_checkpointing
     chosen = sorted({r["gpu"] for r in usable if r["max_batch"] >= batch
-                     and (checkpointing or not r["needs"])}, key=lambda g: [x.name for x in catalogue.gpu].index(g))
+                     and (checkpointing or "--grad-checkpointing" not in (r["needs"] or ""))}, key=lambda g: [x.name for x in catalogue.gpu].index(g))
     if not chosen:
         raise LaunchError(f"no GPU in the planner's catalogue fits batch {batch}"
                           f"{' with' if checkpointing else ' without'} gradient checkpointing")

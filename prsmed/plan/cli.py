@@ -91,25 +91,29 @@ def print_report(report: dict[str, Any]) -> None:
     for r in report["rows"]:
         notes = "; ".join(_short_notes(r))
         table.add_row(
-            r["platform"] or "-", r["gpu_label"], f"{r['vram_gb']:g}", "yes" if r["fits"] else "[red]no[/red]",
+            r["platform"] or "-", r["gpu_label"], f"{r['vram_gb']:g}",
+            ("yes, tight" if r.get("tight") else "yes") if r["fits"] else "[red]no[/red]",
             f"{r['recommended_batch']} x {r['grad_accum']}" if r["fits"] else "-", f"{r['memory_gb']:g}",
             _num(r["hours"]), _num(r["cost_usd"]), _num(r["cost_usd_spot"]), notes,
         )
     console.print(table)
     console.print(report["recommendation"], highlight=False)
+    if report.get("train_command"):
+        console.print(f"to run it: {report['train_command']}", highlight=False, markup=False)
 
 
 def _short_notes(r: dict[str, Any]) -> list[str]:
     """The table's notes; the JSON keeps the full sentences ("why", "notes")."""
     out = []
-    if not r["fits"]:
+    four_bit = any("4-bit base" in n for n in r["notes"])
+    if not r["fits"] and not four_bit:
         out.append("too small even with a 4-bit base")
-    elif r["needs"] and "4-bit" in r["needs"]:
-        out.append("needs a 4-bit base + grad-ckpt (estimate only)")
+    elif four_bit:
+        out.append("only with a 4-bit base, which prsmed train cannot load (estimate only)")
     elif r["needs"]:
         out.append(f"needs {r['needs']}")
-    if any("no bfloat16" in n for n in r["notes"]):
-        out.append("fp16")
+    if r.get("tight"):
+        out.append("under 10% memory left")
     if r["fits"] and r["usd_h"] is None:
         out.append("subscription")
     if any("session" in n for n in r["notes"]):

@@ -40,6 +40,8 @@ ALLOCATOR_SLACK = 0.05
 CPU_RUNTIME_GIB = 16 / 1024
 # NF4 as bitsandbytes stores it: 4 bits per weight plus one float32 scale per block of 64.
 FOUR_BIT_BYTES_PER_PARAM = 0.5 + 4 / 64
+# A row whose estimate leaves less than this share of the card free is flagged as tight.
+TIGHT_HEADROOM = 0.10
 # The paper's batch (PRSMED.md section 3); recommendations keep it as batch x gradient accumulation.
 PAPER_EFFECTIVE_BATCH = 8
 # PosMed's training rows, from the authors' logs: 5,260 iterations per epoch at batch 4.
@@ -254,27 +256,42 @@ def plan(opts: PlanOptions, *, catalogue: Catalogue | None = None) -> dict[str, 
     for gpu in gpus:
         precision = opts.precision
         notes = []
+        options = []  # options the user did not ask for that this row needs, as `prsmed train` spells them
         if precision == "bf16" and not gpu.bf16:
+            options.append("--precision fp16")
             notes.append("no bfloat16 on this GPU: fp16 with loss scaling")
         max_batch = memory.max_batch(gpu.vram_gib)
-        row_memory, row_flops, needs = memory, flops, None
+        row_memory, row_flops, alternative = memory, flops, None
         if max_batch < 1:
             for label, alt_memory, alt_flops in alternative_list():
                 alt_max = alt_memory.max_batch(gpu.vram_gib)
                 if alt_max >= 1:
-                    row_memory, row_flops, needs, max_batch = alt_memory, alt_flops, label, alt_max
+                    row_memory, row_flops, alternative, max_batch = alt_memory, alt_flops, label, alt_max
                     break
-        fits = max_batch >= 1
-        batch, accum = _recommend(max_batch, effective) if fits else (0, 0)
+        four_bit = opts.precision == "4bit" or bool(alternative and "4-bit" in alternative)
+        if alternative == "--grad-checkpointing":
+            options.append("--grad-checkpointing")
+        estimated = max_batch >= 1
+        # The trainer cannot load a 4-bit base (QLoRA): such a row is an estimate, never "fits".
+        fits = estimated and not four_bit
+        needs = alternative if four_bit and alternative else (", ".join(options) or None)
+        batch, accum = _recommend(max_batch, effective) if estimated else (0, 0)
         why = ""
-        if not fits:
+        if not estimated:
             why = (f"needs {_gib(memory.total(1))} GiB at batch 1 (has {gpu.vram_gib}); does not fit even with "
                    f"gradient checkpointing and a 4-bit base")
-        elif needs:
-            why = f"needs {needs} (at batch 1 without: {_gib(memory.total(1))} GiB, has {gpu.vram_gib})"
-            if "4-bit" in needs:
-                notes.append("prsmed train cannot load a 4-bit base yet: this row is an estimate only")
-        hours = _hours(row_flops, opts, gpu.tflops(precision)) if fits else None
+        elif four_bit:
+            why = ("fits only with a 4-bit base (QLoRA), which prsmed train cannot load: an estimate, not a run it "
+                   f"can do (at batch 1 in {'bf16' if opts.precision == '4bit' else opts.precision}: "
+                   f"{_gib(memory.total(1))} GiB, has {gpu.vram_gib})")
+            notes.append("prsmed train cannot load a 4-bit base: estimate only")
+        elif options:
+            why = f"needs {needs}" + (f" (at batch 1 without it: {_gib(memory.total(1))} GiB, has {gpu.vram_gib})"
+                                      if alternative else "")
+        tight = fits and row_memory.total(batch) > (1 - TIGHT_HEADROOM) * gpu.vram_gib * GIB
+        if tight:
+            notes.append(f"tight: under {TIGHT_HEADROOM:.0%} of the card's memory left at batch {batch}")
+        hours = _hours(row_flops, opts, gpu.tflops(precision)) if estimated else None
         offers = [o for o in cat.offer if o.gpu == gpu.name]
         for offer in offers or [None]:
             row: dict[str, Any] = {
@@ -283,12 +300,13 @@ def plan(opts: PlanOptions, *, catalogue: Catalogue | None = None) -> dict[str, 
                 "gpu_label": gpu.label,
                 "vram_gb": gpu.vram_gib,
                 "fits": fits,
+                "tight": tight,
                 "needs": needs,
                 "why": why,
-                "max_batch": max_batch if fits else 0,
+                "max_batch": max_batch if estimated else 0,
                 "recommended_batch": batch,
                 "grad_accum": accum,
-                "memory_gb": _gib(row_memory.total(batch)) if fits else _gib(memory.total(1)),
+                "memory_gb": _gib(row_memory.total(batch)) if estimated else _gib(memory.total(1)),
                 "hours": float(f"{hours:.3g}") if hours is not None else None,
                 "usd_h": offer.usd_h if offer else None,
                 "usd_h_spot": cat.spot_price(offer) if offer else None,
@@ -316,8 +334,7 @@ def plan(opts: PlanOptions, *, catalogue: Catalogue | None = None) -> dict[str, 
     rows.sort(key=lambda r: (not r["fits"], r["usd_h"] is None, r["cost_usd"] is None, r["cost_usd"] or 0.0, r["gpu"]))
 
     # The recommendation is a run prsmed train can do today, priced by the hour.
-    best = next((r for r in rows if r["fits"] and r["usd_h"] is not None and r["cost_usd"] is not None
-                 and (not r["needs"] or "4-bit" not in r["needs"])), None)
+    best = next((r for r in rows if r["fits"] and r["usd_h"] is not None and r["cost_usd"] is not None), None)
     infer_bytes = (infer.weight_bytes["frozen"] + infer.weight_bytes["trained"] + infer.peak_bytes
                    + infer.kv_bytes_per_token * (opts.max_new_tokens))
     if opts.precision == "4bit":
@@ -346,8 +363,23 @@ def plan(opts: PlanOptions, *, catalogue: Catalogue | None = None) -> dict[str, 
             "units": "GB here are GiB (2^30 bytes), as nvidia-smi's MiB / 1024",
         },
         "recommendation": _recommendation(best, opts),
+        "train_command": train_command(best, opts),
         "rows": rows,
     }
+
+
+def train_command(best: dict[str, Any] | None, opts: PlanOptions) -> str | None:
+    """The ``prsmed train`` command line that realises the recommended row (data and run folder left to fill)."""
+    if best is None:
+        return None
+    needs = best["needs"] or ""
+    precision = "fp16" if "--precision fp16" in needs else opts.precision
+    parts = ["prsmed train", f"--model {opts.model}", "--data DATA", "--out RUN", f"--precision {precision}",
+             f"--batch-size {best['recommended_batch']}", f"--grad-accum {best['grad_accum']}"]
+    if opts.grad_checkpointing or "--grad-checkpointing" in needs:
+        parts.append("--grad-checkpointing")
+    parts.append(f"--epochs {opts.epochs}")
+    return " ".join(parts)
 
 
 def _recommendation(best: dict[str, Any] | None, opts: PlanOptions) -> str:

@@ -205,8 +205,10 @@ class PlanRow(_Model):
     gpu: str
     gpu_label: str = ""
     vram_gb: float
-    fits: bool
-    needs: str | None = None
+    fits: bool = Field(description="prsmed train can run it on this GPU (a row that needs a 4-bit base never fits)")
+    tight: bool = Field(False, description="fits with under 10% of the card's memory left")
+    needs: str | None = Field(None, description="options the row needs that were not asked for, e.g. "
+                                                "'--grad-checkpointing', '--precision fp16'")
     why: str = ""
     max_batch: int
     recommended_batch: int
@@ -232,4 +234,5 @@ class PlanReport(_Model):
     flops_per_sample: dict[str, int] = Field(default_factory=dict)
     assumptions: dict[str, Any] = Field(default_factory=dict)
     recommendation: str = ""
+    train_command: str | None = Field(None, description="the prsmed train command line of the recommended row")
     rows: list[PlanRow] = Field(default_factory=list)
