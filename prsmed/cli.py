@@ -179,6 +179,26 @@ def convert_llava_med(
     console.print(f"wrote {dst}")
 
 
+@convert_app.command("prsmed-authors")
+def convert_prsmed_authors_command(
+    src: str = typer.Argument(..., help="The authors' checkpoint folder (llm_seg_<epoch>/), or a Hub id owner/name."),
+    to: Path = typer.Option(..., "--to", help="Where to write the adapter bundle."),
+    model: str = typer.Option("prsmed-llava-med-7b", "--model", help="The model it is for (a zoo name or a spec "
+                              "JSON file)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision, with a Hub id."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --to."),
+) -> None:
+    """Import the PRS-Med authors' trained checkpoint as a verified adapter bundle for the paper's model."""
+    from prsmed_plugins.converters.prsmed_authors import convert_prsmed_authors
+
+    try:
+        manifest = convert_prsmed_authors(src, to, model=model, overwrite=overwrite, revision=revision)
+    except (ComponentError, ValueError, OSError) as e:
+        _fail(str(e))
+    console.print(f"wrote {to}: {', '.join(['lora', *manifest.parts])} for {manifest.base.name}; use it with "
+                  f"--adapter {to}", highlight=False)
+
+
 @app.command("serve")
 def serve(
     model: str = typer.Option("prsmed-tiny", "--model", help="Zoo preset to serve."),

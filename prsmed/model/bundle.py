@@ -190,29 +190,53 @@ def save_bundle(
     overwrite: bool = False,
 ) -> AdapterManifest:
     """Write ``model``'s trained parts as a bundle. The directory appears whole or not at all."""
+    spec: ModelSpec = model.spec
+
+    def write_lora(folder: Path) -> None:
+        model.peft_model.save_pretrained(str(folder), safe_serialization=True)
+
+    parts = {part: getattr(model, part).state_dict() for part in PARTS
+             if getattr(model, part) is not None and getattr(spec.train, part)}
+    lora = write_lora if model.peft_model is not None and spec.train.lora else None
+    return write_bundle(spec, model_base_weights(model), parts, lora, out_dir, training=training, metrics=metrics,
+                        data_manifest_sha256=data_manifest_sha256, overwrite=overwrite)
+
+
+def write_bundle(
+    spec: ModelSpec,
+    base_weights: WeightsIdentity | None,
+    parts: dict[str, dict[str, Any]],
+    write_lora,
+    out_dir: str | Path,
+    *,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    data_manifest_sha256: str | None = None,
+    overwrite: bool = False,
+) -> AdapterManifest:
+    """Write a bundle from its pieces: the state dict of each trained part, and ``write_lora(folder)`` that writes
+    the PEFT adapter (None: no LoRA). What :func:`save_bundle` does for a model in memory, and what a converter
+    does for weights it read elsewhere. The directory appears whole or not at all."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BundleError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    spec: ModelSpec = model.spec
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        if model.peft_model is not None and spec.train.lora:
-            model.peft_model.save_pretrained(str(tmp / "lora"), safe_serialization=True)
-        parts = []
+        if write_lora is not None:
+            write_lora(tmp / "lora")
+        written = []
         for part in PARTS:
-            module = getattr(model, part)
-            if module is None or not getattr(spec.train, part):
-                continue
-            write_state_dict(module.state_dict(), tmp / f"{part}.safetensors", metadata={"prsmed_part": part})
-            parts.append(part)
+            if part in parts:
+                write_state_dict(parts[part], tmp / f"{part}.safetensors", metadata={"prsmed_part": part})
+                written.append(part)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = AdapterManifest(
             base=BaseModelRef(name=spec.name, revision=spec.revision, fingerprint=spec.fingerprint(),
-                              weights=model_base_weights(model)),
+                              weights=base_weights),
             spec=spec.model_dump(mode="json"),
-            lora=spec.lora if spec.train.lora else None,
-            parts=parts,
+            lora=spec.lora if write_lora is not None else None,
+            parts=written,
             training=training or {},
             data_manifest_sha256=data_manifest_sha256,
             metrics=metrics or {},
