@@ -197,3 +197,39 @@ def test_batcher_groups_concurrent_requests_and_isolates_a_bad_one(predictor):
             batcher.submit(PredictRequest(b"junk", "Where?"))  # refused before it joins a batch
     finally:
         batcher.close()
+
+
+@pytest.mark.parametrize("content", [None, b"", b"hello, not an image"])
+def test_predict_cli_refuses_a_bad_file_before_loading_torch(tmp_path, content):
+    path = tmp_path / "scan.png"
+    if content is not None:
+        path.write_bytes(content)
+    driver = ("import sys\nfrom prsmed.cli import main\nsys.argv = ['prsmed', 'predict', sys.argv[1], '-q', 'Where?']\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", driver, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], (proc.stdout, proc.stderr)  # refused, and torch never imported
+    said = {None: "no such file", b"": "the file is empty", b"hello, not an image": "not an image"}[content]
+    assert said in proc.stderr and "scan.png" in proc.stderr
+
+
+@pytest.mark.parametrize("answer, lesion, consistent", [
+    ("top......................", False, False),  # names no zone: agrees with nothing, an empty mask included
+    ("No lesion is visible in this image.", False, True),
+    ("The nodule is in the top left.", True, True),
+    ("The nodule is in the bottom right.", True, False),
+    ("The nodule is in the top left, and another nodule is in the bottom right.", True, False),
+])
+def test_consistent_means_the_same_set_of_zones(answer, lesion, consistent):
+    from PIL import Image as PILImage
+
+    from prsmed.infer.postprocess import summarize_mask
+
+    probability = np.full((64, 64), 0.02, dtype=np.float32)
+    if lesion:
+        probability[4:20, 4:20] = 0.9  # top left
+    result = Predictor._result(answer, summarize_mask(probability), PILImage.new("RGB", (64, 64)), None, False, {})
+    assert result.consistent is consistent, (result.zones, result.zones_from_text)
+    if not lesion:
+        assert result.zones == ["none"] and result.confidence == pytest.approx(0.98)
+    else:
+        assert result.confidence == pytest.approx(0.9)

@@ -26,6 +26,10 @@ def predict_command(
         "they were recorded (its masks and answers may be wrong)."),
 ) -> None:
     """Answer a question about an image: the position in words and the lesion's mask."""
+    problem = _unreadable(image)
+    if problem:  # before torch and the model load: a typo answers at once
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
     from prsmed.components import ComponentError
     from prsmed.hub import HubError
     from prsmed.infer import AdapterNotFound, BundleError, InvalidInput, Predictor, load_image, mask_png, overlay
@@ -55,3 +59,26 @@ def predict_command(
         f"{result.timings_ms['total']:.0f} ms",
         highlight=False,
     )
+
+
+def _unreadable(image: str) -> str | None:
+    """Why ``image`` (a path, with an optional ``#z=N`` slice) cannot be an input, found from its first bytes; None
+    when it may be one (the readers decide the rest)."""
+    from prsmed.data.readers import sniff_format
+
+    path = Path(image.split("#", 1)[0])
+    if not path.exists():
+        return f"image {path}: no such file"
+    if not path.is_file():
+        return f"image {path}: not a file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(544)
+    except OSError as e:
+        return f"image {path}: cannot be read ({e.strerror or e})"
+    if not head:
+        return f"image {path}: the file is empty"
+    if sniff_format(head, path.name) is None:
+        return (f"image {path}: not an image this command reads (expected PNG, JPEG, another Pillow format, DICOM "
+                f"or NIfTI; the first bytes are {head[:8]!r})")
+    return None

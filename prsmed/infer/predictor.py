@@ -275,12 +275,14 @@ class Predictor:
     @staticmethod
     def _result(answer: str, s: MaskSummary, image: Image.Image, adapter: str | None, hit: bool,
                 timings: dict[str, float]) -> PredictResult:
-        text_zones = sorted(set(zones_from_text(answer))) or [NONE]
+        # An answer that names no zone and does not say there is no lesion ("top......") has no zones: it agrees
+        # with no mask, an empty one included.
+        text_zones = sorted(set(zones_from_text(answer)))
         timings = {k: round(v, 2) for k, v in timings.items()}
         timings["total"] = round(sum(timings.values()), 2)
         return PredictResult(
             answer=answer, zone=s.zone, zones=s.zones, zone_from_text=zone_from_text(answer) or NONE,
-            zones_from_text=text_zones, consistent=text_zones == s.zones, mask=s.mask,
+            zones_from_text=text_zones, consistent=bool(text_zones) and text_zones == s.zones, mask=s.mask,
             probability=s.probability, bbox=s.bbox, area_fraction=s.area_fraction, confidence=s.confidence,
             image_size=(image.width, image.height), adapter=adapter, cache_hit=hit, timings_ms=timings,
         )

@@ -24,12 +24,15 @@ class PredictResponse(_Model):
     zone: Zone = Field(description="the predicted mask's zone by the authors' rule; 'none' for an empty mask")
     zones: list[str] = Field(default_factory=list, description="one zone per described lesion (two for two lesions)")
     zone_from_text: str = Field(description="the first zone the answer names, or 'none'")
-    zones_from_text: list[str] = Field(default_factory=list)
-    consistent: bool = Field(description="the answer names the same zones as the mask")
+    zones_from_text: list[str] = Field(default_factory=list, description="the zones the answer names; ['none'] "
+                                       "when it says there is no lesion, [] when it names none")
+    consistent: bool = Field(description="the answer's zones and the mask's are the same set (an answer naming no "
+                                         "zone never is)")
     mask_png: str = Field(description="base64 PNG, 0/255, at the input image's size")
     bbox: list[int] | None = Field(None, description="[x0, y0, x1, y1] inclusive, or null for an empty mask")
     area_fraction: float
-    confidence: float
+    confidence: float = Field(description="mean lesion probability inside the mask; for an empty mask, one minus "
+                                          "the highest probability (docs/service.md)")
     image_size: list[int] = Field(default_factory=list, description="[width, height]")
     adapter: str | None = None
     model: str = ""
