@@ -210,6 +210,8 @@ def serve(
     token_file: Optional[Path] = typer.Option(None, "--token-file",
                                               help="File with the API token (else $PRSMED_API_TOKEN; none: open)."),
     public_predict: bool = typer.Option(False, "--public-predict", help="Leave POST /v1/predict open to all."),
+    allow_unauthenticated: bool = typer.Option(False, "--allow-unauthenticated", help="Serve on an interface other "
+                                               "than loopback without a token (refused otherwise)."),
     max_queue: int = typer.Option(8, "--max-queue", help="Fine-tuning jobs that may wait; more get 429."),
     job_threads: Optional[int] = typer.Option(None, "--job-threads", help="CPU threads per training job."),
 ) -> None:
@@ -219,6 +221,7 @@ def serve(
     try:
         require("serve")
         from prsmed_service.config import ServiceConfig
+        from prsmed_service.launcher import RefusedToServe
         from prsmed_service.launcher import serve as launch
     except MissingExtra as e:
         _fail(str(e))
@@ -232,11 +235,16 @@ def serve(
     try:
         launch(ServiceConfig(model=model, host=host, port=port, grpc_port=grpc_port, data_dir=data_dir,
                              device=device, token_file=token_file, public_predict=public_predict,
-                             max_queue=max_queue, job_threads=job_threads))
+                             allow_unauthenticated=allow_unauthenticated, max_queue=max_queue,
+                             job_threads=job_threads))
+    except RefusedToServe as e:
+        _fail(str(e))
     except ValidationError as e:
         from prsmed.validation import validation_problems
 
         _fail(f"invalid service setting (a --option or a PRSMED_SERVE_* variable): {validation_problems(e)}")
+    except ValueError as e:  # an empty token file
+        _fail(str(e))
 
 
 @app.command("push")

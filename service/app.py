@@ -17,6 +17,7 @@ import bentoml
 from fastapi import FastAPI, File, Form, Header, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
+import prsmed
 from prsmed.components import ComponentError
 from prsmed.hub import HubError, is_hub_ref, push as hub_push
 from prsmed.infer.adapters import check_name
@@ -28,8 +29,8 @@ from .auth import load_token, token_matches
 from .config import ServiceConfig
 from .datasets import DatasetError, DatasetNotFound, UploadTooLarge
 from .jobs import InvalidJob, JobNotFound, QueueFull
-from .middleware import (AuthMiddleware, BodyLimitMiddleware, HeaderLimitMiddleware, MultipartGuardMiddleware,
-                         OpenAPIVersionMiddleware)
+from .middleware import (AuthMiddleware, BodyLimitMiddleware, ErrorEnvelopeMiddleware, HeaderLimitMiddleware,
+                         MultipartGuardMiddleware, OpenAPIVersionMiddleware)
 from .runtime import Runtime, list_models
 
 log = logging.getLogger("prsmed.service")
@@ -348,8 +349,12 @@ class PrsMed:
 
 # Starlette runs the first-added middleware outermost: header limits, then auth, so an unauthenticated upload is
 # refused before its size matters or its body is read.
+PrsMed.add_asgi_middleware(ErrorEnvelopeMiddleware, hide=(str(CONFIG.data_dir.resolve()), str(CONFIG.data_dir)))
 PrsMed.add_asgi_middleware(HeaderLimitMiddleware)
-PrsMed.add_asgi_middleware(OpenAPIVersionMiddleware)
+PrsMed.add_asgi_middleware(OpenAPIVersionMiddleware, info={
+    "title": "PRS-Med service", "version": prsmed.__version__,
+    "description": "Position-reasoning segmentation in medical imaging: an answer in words and a mask for a question "
+                   "about a scan, adapters, and fine-tuning jobs. Research use only; not a medical device."})
 PrsMed.add_asgi_middleware(AuthMiddleware, token=_TOKEN, public_predict=CONFIG.public_predict)
 PrsMed.add_asgi_middleware(
     BodyLimitMiddleware,

@@ -20,6 +20,8 @@ class ServiceConfig(BaseModel):
     data_dir: Path = Path(".prsmed")
     token_file: Path | None = None
     public_predict: bool = False
+    # Serve on an interface other than loopback with no token (refused without it: service/launcher.py).
+    allow_unauthenticated: bool = False
     threads: int = Field(16, ge=1, description="BentoML's thread pool for synchronous endpoints")
     max_batch_size: int = Field(8, ge=1)
     max_wait_ms: float = Field(0.0, ge=0)

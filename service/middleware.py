@@ -1,8 +1,10 @@
-"""ASGI middleware in front of every route: header limits, bearer-token auth and upload size limits."""
+"""ASGI middleware in front of every route: one error envelope, header limits, bearer-token auth and upload size
+limits."""
 
 from __future__ import annotations
 
 import json
+import re
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -24,6 +26,98 @@ def _header(scope, name: bytes) -> str | None:
         if k.lower() == name:
             return v.decode("latin-1")
     return None
+
+
+# The kind an error answer carries when the code that refused it gave none (BentoML's own refusals).
+ERROR_KINDS = {400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 408: "timeout", 409: "conflict", 413: "too_large",
+               415: "unsupported_media_type", 422: "invalid_input", 429: "too_many_requests", 431: "headers_too_large",
+               500: "internal", 502: "bad_gateway", 503: "unavailable", 504: "timeout"}
+
+
+def _plain_message(body: bytes) -> str:
+    """A readable sentence from another framework's error body: FastAPI's ``{"detail": [...]}``, a pydantic
+    validation dump, or text."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("detail"), list):
+        def where(loc) -> str:
+            parts = [str(x) for x in (loc or []) if str(x) not in ("body", "query", "path", "header", "form")]
+            return ".".join(parts) or "request"
+
+        return "; ".join(f"{where(d.get('loc'))}: {d.get('msg', '')}"
+                         for d in doc["detail"] if isinstance(d, dict)) or "the request is not valid"
+    if isinstance(doc, dict):
+        for key in ("message", "detail", "error"):
+            if isinstance(doc.get(key), str):
+                return doc[key]
+    text = body.decode("utf-8", "replace")
+    # pydantic: "1 validation error for Input\nimage\n  Field required [type=missing, ...]\n    For further ..."
+    fields = re.findall(r"^(\w[\w.]*)\n\s+(.+?)(?: \[type=.*)?$", text, flags=re.M)
+    if "validation error" in text and fields:
+        return "; ".join(f"{name}: {msg}" for name, msg in fields)
+    return " ".join(text.split())[:500] or "no details"
+
+
+class ErrorEnvelopeMiddleware:
+    """Every 4xx and 5xx answer, on every route, is ``{"error": kind, "message": text}``: BentoML's and FastAPI's own
+    refusals (a missing form field, an unknown route, a wrong method) are rewritten into it, and no message names a
+    folder of the server's (``hide``: its data folder), whoever wrote it. Successful answers, streams included,
+    pass through untouched."""
+
+    def __init__(self, app, hide: tuple[str, ...] = ()) -> None:
+        self.app = app
+        # Longest first, so a folder inside another is hidden whole; "." or "/" would hide every dot or slash.
+        self.hide = tuple(sorted((h for h in hide if len(h.strip("./")) >= 3), key=len, reverse=True))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start: dict = {}
+        chunks: list[bytes] = []
+        passing = False
+
+        async def capture(message):
+            nonlocal passing
+            if message["type"] == "http.response.start":
+                if message["status"] < 400:
+                    passing = True
+                    await send(message)
+                else:
+                    start.update(message)
+            elif passing:
+                await send(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    await self._send_envelope(send, start, b"".join(chunks))
+
+        await self.app(scope, receive, capture)
+
+    def _public(self, text: str) -> str:
+        for path in self.hide:
+            text = text.replace(path, "<server data>")
+        return text
+
+    async def _send_envelope(self, send, start: dict, body: bytes) -> None:
+        status = start["status"]
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("error"), str) and isinstance(doc.get("message"), str):
+            doc["message"] = self._public(doc["message"])
+        else:
+            doc = {"error": ERROR_KINDS.get(status, "error" if status < 500 else "internal"),
+                   "message": self._public(_plain_message(body))}
+        payload = json.dumps(doc).encode()
+        headers = [(k, v) for k, v in start.get("headers", [])
+                   if k.lower() not in (b"content-length", b"content-type")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 class HeaderLimitMiddleware:
@@ -150,12 +244,14 @@ async def _run_checking_body(app, scope, receive, send, check) -> str | None:
 class OpenAPIVersionMiddleware:
     """BentoML labels ``/docs.json`` OpenAPI 3.0.2 but fills it with pydantic v2's JSON Schema, which is the OpenAPI
     3.1 dialect (``exclusiveMinimum`` as a number, ``type: null`` for optional fields). Read as 3.0, those schemas
-    are invalid, so code generators and validators misread them; this corrects the label to 3.1.0."""
+    are invalid, so code generators and validators misread them; this corrects the label to 3.1.0, and puts this
+    project's ``info`` (title, version, description) in place of BentoML's boilerplate."""
 
-    def __init__(self, app, path: str = "/docs.json", version: str = "3.1.0") -> None:
+    def __init__(self, app, path: str = "/docs.json", version: str = "3.1.0", info: dict | None = None) -> None:
         self.app = app
         self.path = path
         self.version = version
+        self.info = info or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("path") != self.path or scope.get("method") != "GET":
@@ -179,7 +275,9 @@ class OpenAPIVersionMiddleware:
                 doc = json.loads(body)
                 if isinstance(doc, dict) and str(doc.get("openapi", "")).startswith("3.0"):
                     doc["openapi"] = self.version
-                    body = json.dumps(doc).encode()
+                if isinstance(doc, dict) and self.info:  # this project's title and version, not BentoML's
+                    doc["info"] = {**(doc.get("info") or {}), **self.info}
+                body = json.dumps(doc).encode()
             except ValueError:
                 pass
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]

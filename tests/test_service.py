@@ -150,3 +150,43 @@ def test_serve_hands_its_options_to_the_service_process(tmp_path, monkeypatch):
     monkeypatch.setenv("PRSMED_SERVE_SHUTDOWN_GRACE_S", "soon")
     res = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "data")])
     assert res.exit_code == 2 and "shutdown_grace_s" in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.parametrize("method, path, kwargs, status", [
+    ("POST", "/v1/predict", {"data": {"question": "Where?"}}, {400, 422}),  # no image field
+    ("POST", "/v1/predict", {"files": {"image": ("x.png", b"not an image")}}, {400, 422}),  # no question
+    ("GET", "/v1/no-such-route", {}, {404}),
+    ("DELETE", "/v1/predict", {}, {404, 405}),
+    ("POST", "/v1/adapters/ghost/load", {}, {404}),
+])
+def test_every_refusal_is_one_envelope_and_names_no_server_folder(server, method, path, kwargs, status):
+    r = httpx.request(method, server.url + path, timeout=60, **kwargs)
+    assert r.status_code in status, r.text
+    body = r.json()
+    assert set(body) >= {"error", "message"} and isinstance(body["message"], str) and body["message"], body
+    assert "pydantic" not in r.text and "Traceback" not in r.text
+    for folder in (str(server.data_dir.resolve()), str(server.data_dir)):
+        assert folder not in r.text, r.text
+    if path == "/v1/predict" and "data" in kwargs:
+        assert "image" in body["message"]
+
+
+def test_the_openapi_document_and_the_start_up_log_are_this_projects(server):
+    import prsmed
+
+    info = httpx.get(server.url + "/docs.json", timeout=30).json()["info"]
+    assert info["title"] == "PRS-Med service" and info["version"] == prsmed.__version__
+    log = server.log.read_text()
+    for line in ("REST  http://", "/docs.json", "gRPC  ", "demo  http://", "/ui", "authentication: OFF"):
+        assert line in log, log[:2000]
+
+
+def test_serving_beyond_loopback_without_a_token_is_refused(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from prsmed.cli import app
+
+    monkeypatch.delenv("PRSMED_API_TOKEN", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "refusing to serve on 0.0.0.0 without a token" in result.output
+    assert "--allow-unauthenticated" in result.output and not (tmp_path / "d").exists()
