@@ -174,11 +174,22 @@ class DatasetStore:
             with self._open_upload(source, staging) as f:
                 info = self._extract_and_check(f, staging, name=name)
             (staging / _SPOOL).unlink(missing_ok=True)
+            same = self._with_content(info["content_sha256"])
+            if same is not None:  # the same files uploaded again (the SDK's finetune of one folder, twice)
+                shutil.rmtree(staging, ignore_errors=True)
+                return same.model_copy(update={"reused": True})
             dataset_id = self._publish(staging, info)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return self.get(dataset_id)
+
+    def _with_content(self, content_sha256: str) -> DatasetInfo | None:
+        """The stored dataset whose files are exactly these (names and bytes), if one is."""
+        for info in self.list():
+            if info.content_sha256 and info.content_sha256 == content_sha256:
+                return info
+        return None
 
     def _open_upload(self, source, staging: Path) -> BinaryIO:
         limit = self.max_upload_bytes
@@ -233,12 +244,14 @@ class DatasetStore:
             written = self._extract(zf, members, files)
         data_root = _find_root(files)
         _check_paths_inside(data_root, files)
+        content = _content_sha256(data_root)
         report = _check(data_root, files)
         top = data_root.relative_to(files)
         info = DatasetInfo(
             id="", name=name or (top.parts[0] if top.parts else ""), created_at=_now(), size_bytes=written,
             layout=report.layout, rows=report.rows, splits=dict(report.counts.get("split", {})),
             modalities=dict(report.counts.get("modality", {})), warnings=_warnings(report, files),
+            content_sha256=content,
         )
         return {**info.model_dump(mode="json"), "data_root": top.as_posix() or "."}
 
@@ -318,6 +331,21 @@ class DatasetStore:
                 if not (self.root / dataset_id).exists():
                     raise
                 # Another upload drew the same id: draw again.
+
+
+def _content_sha256(root: Path) -> str:
+    """A hash of the dataset's files, their paths under its root and their bytes: the same folder zipped twice
+    (other timestamps, another order, another compression) gives the same hash."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def _seekable(f) -> bool:

@@ -80,8 +80,29 @@ def test_one_top_level_folder_a_file_object_and_a_path(store, synth, tmp_path):
     archive = tmp_path / "upload.zip"
     archive.write_bytes(blob)
     from_path = store.add_zip(archive, name="again")
-    assert from_path.rows == from_file.rows == 24 and from_path.id != from_file.id
-    assert {i.id for i in store.list()} == {from_file.id, from_path.id}
+    # The same files again: the stored dataset is returned, not a copy (the SDK's finetune of one folder, twice).
+    assert from_path.id == from_file.id and from_path.reused and not from_file.reused
+    assert [i.id for i in store.list()] == [from_file.id] and leftovers(store) == [from_file.id]
+
+
+def test_identical_files_are_one_dataset_however_they_are_zipped(store, synth):
+    import zipfile
+
+    first = store.add_zip(zip_dir(synth))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:  # another order, compression and time
+        for path in sorted((p for p in synth.rglob("*") if p.is_file()), reverse=True):
+            info = zipfile.ZipInfo(path.relative_to(synth).as_posix(), date_time=(2001, 2, 3, 4, 5, 6))
+            zf.writestr(info, path.read_bytes())
+    again = store.add_zip(buf.getvalue())
+    assert again.id == first.id and again.reused and again.content_sha256 == first.content_sha256
+    changed = synth / "extra-note.txt"
+    changed.write_text("one more file")
+    try:
+        other = store.add_zip(zip_dir(synth))
+    finally:
+        changed.unlink()
+    assert other.id != first.id and not other.reused
 
 
 def test_a_stream_that_cannot_seek_is_spooled(store, synth):

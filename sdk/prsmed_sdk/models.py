@@ -78,6 +78,9 @@ class DatasetInfo(_Model):
     splits: dict[str, int] = Field(default_factory=dict)
     modalities: dict[str, int] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
+    content_sha256: str = Field("", description="hash of the dataset's files (paths and bytes): an upload of the "
+                                                "same files returns the dataset already stored")
+    reused: bool = Field(False, description="this upload's files were already stored: no new dataset was made")
 
 
 class JobRequest(_Model):
