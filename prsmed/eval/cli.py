@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from prsmed.tables import print_rows
 
 console = Console()
 
@@ -23,12 +24,10 @@ def _fmt(value) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
-def _table(report: dict) -> Table:
-    table = Table("modality", *_COLUMNS)
-    for name, metrics in report["per_modality"].items():
-        table.add_row(name, *(_fmt(metrics[c]) for c in _COLUMNS))
-    table.add_row("[bold]overall[/bold]", *(_fmt(report["overall"][c]) for c in _COLUMNS))
-    return table
+def _print_table(report: dict) -> None:
+    rows = [[name, *(_fmt(metrics[c]) for c in _COLUMNS)] for name, metrics in report["per_modality"].items()]
+    rows.append(["[bold]overall[/bold]", *(_fmt(report["overall"][c]) for c in _COLUMNS)])
+    print_rows(["modality", *_COLUMNS], rows, console=console)
 
 
 def _json_safe(obj):
@@ -81,7 +80,7 @@ def eval_command(
     if as_json:
         print(json.dumps(_json_safe(report), indent=2))
     else:
-        console.print(_table(report))
+        _print_table(report)
 
 
 def eval_masks_command(
@@ -100,6 +99,4 @@ def eval_masks_command(
     if as_json:
         print(json.dumps(metrics, indent=2))
         return
-    table = Table(*metrics)
-    table.add_row(*(_fmt(v) for v in metrics.values()))
-    console.print(table)
+    print_rows(list(metrics), [[_fmt(v) for v in metrics.values()]], console=console)

@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from prsmed.tables import print_rows
 
 plan_app = typer.Typer(help="How much GPU memory a configuration needs, which GPU to rent, what it costs.")
 console = Console()
@@ -85,18 +86,19 @@ def print_report(report: dict[str, Any]) -> None:
         highlight=False,
     )
     a = report["assumptions"]
-    table = Table("platform", "GPU", "VRAM", "fits", "batch x accum", "GB", "hours", "$ on-demand", "$ spot", "notes",
-                  title=f"{o['epochs']} epochs of {o['dataset_size']} rows at effective batch {a['effective_batch']}; "
-                        f"MFU {a['mfu']}; prices from {Path(a['catalogue']).name} ({a['catalogue_date']})")
+    title = (f"{o['epochs']} epochs of {o['dataset_size']} rows at effective batch {a['effective_batch']}; "
+             f"MFU {a['mfu']}; prices from {Path(a['catalogue']).name} ({a['catalogue_date']})")
+    rows = []
     for r in report["rows"]:
         notes = "; ".join(_short_notes(r))
-        table.add_row(
+        rows.append([
             r["platform"] or "-", r["gpu_label"], f"{r['vram_gb']:g}",
             ("yes, tight" if r.get("tight") else "yes") if r["fits"] else "[red]no[/red]",
             f"{r['recommended_batch']} x {r['grad_accum']}" if r["fits"] else "-", f"{r['memory_gb']:g}",
             _num(r["hours"]), _num(r["cost_usd"]), _num(r["cost_usd_spot"]), notes,
-        )
-    console.print(table)
+        ])
+    print_rows(["platform", "GPU", "VRAM", "fits", "batch x accum", "GB", "hours", "$ on-demand", "$ spot", "notes"],
+               rows, title=title, console=console)
     console.print(report["recommendation"], highlight=False)
     if report.get("train_command"):
         console.print(f"to run it: {report['train_command']}", highlight=False, markup=False)
@@ -149,9 +151,9 @@ def calibrate_command(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table("configuration", "estimate MiB", "measured MiB", "error", "step s", "predicted s", "time error",
-                  title=f"{device}: estimate vs measurement (achieved {result['achieved_gflops']} GFLOP/s)")
-    for c in result["configs"]:
-        table.add_row(c["name"], f"{c['estimate_mib']:.0f}", f"{c['measured_mib']:.0f}", f"{c['error_pct']:+.1f}%",
-                      f"{c['step_seconds']:.2f}", f"{c['predicted_step_seconds']:.2f}", f"{c['time_error_pct']:+.1f}%")
-    console.print(table)
+    rows = [[c["name"], f"{c['estimate_mib']:.0f}", f"{c['measured_mib']:.0f}", f"{c['error_pct']:+.1f}%",
+             f"{c['step_seconds']:.2f}", f"{c['predicted_step_seconds']:.2f}", f"{c['time_error_pct']:+.1f}%"]
+            for c in result["configs"]]
+    print_rows(["configuration", "estimate MiB", "measured MiB", "error", "step s", "predicted s", "time error"], rows,
+               title=f"{device}: estimate vs measurement (achieved {result['achieved_gflops']} GFLOP/s)",
+               console=console)
