@@ -183,3 +183,16 @@ def test_plan_tab_shows_memory_and_priced_rows(ui):
     rows = table["data"]
     assert rows and all(len(r) == 10 for r in rows)
     assert any(r[1] == "H200 141GB" and r[3] == "yes" for r in rows)
+
+
+def test_the_demos_example_files_are_what_their_names_say():
+    from pathlib import Path
+
+    from prsmed.data.readers import sniff_format
+
+    examples = Path(__file__).resolve().parent.parent / "demo" / "examples"
+    files = sorted(examples.glob("*"))
+    assert files
+    for path in files:
+        want = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".dcm": "dicom"}.get(path.suffix.lower())
+        assert want is None or sniff_format(path.read_bytes()[:544], path.name) == want, path.name

@@ -37,3 +37,4 @@ def test_a_table_that_fits_is_a_table():
     out = io.StringIO()
     print_rows(["a", "b"], [["1", "2"]], console=Console(file=out, width=80, force_terminal=True, color_system=None))
     assert "┃" in out.getvalue() or "│" in out.getvalue()
+
