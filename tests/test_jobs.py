@@ -194,7 +194,11 @@ def test_a_worker_that_fails_at_once_is_failed_with_its_log(tmp_path, store, dat
 
 
 def test_a_job_whose_dataset_vanished_fails_clearly(tmp_path, store, upload):
-    doomed = store.add_zip(upload).id
+    # Other files than the shared dataset's: the same files would be that dataset (uploads are deduplicated).
+    other = io.BytesIO(upload)
+    with zipfile.ZipFile(other, "a") as zf:
+        zf.writestr("notes.txt", "a dataset of its own")
+    doomed = store.add_zip(other.getvalue()).id
     jm = manager(tmp_path, store)
     job = jm.submit(request(doomed))
     store.delete(doomed)
