@@ -69,8 +69,15 @@ def sky_home(tmp_path) -> Path:
     return home
 
 
-def _launch(args: list[str], home: Path, **env: str) -> subprocess.CompletedProcess:
-    full = {**os.environ, "HOME": str(home), "PRSMED_HOME": str(home / "prsmed"), **env}
+@pytest.fixture(scope="module")
+def plan_cache(tmp_path_factory) -> Path:
+    """One planner cache for the module's launches: the tiny model's step is simulated once, not per launch."""
+    return tmp_path_factory.mktemp("plan-cache")
+
+
+def _launch(args: list[str], home: Path, plan_cache: Path, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "HOME": str(home), "PRSMED_HOME": str(home / "prsmed"), "PRSMED_PLAN_CACHE": str(plan_cache),
+            **env}
     return subprocess.run([*PRSMED, "launch", *args], capture_output=True, text=True, env=full, timeout=300)
 
 
@@ -95,13 +102,13 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("spot", [True, False])
 def test_the_task_is_read_by_skypilot_and_its_optimizer_picks_the_cheapest_fitting_gpu(tmp_path, sky_home, dataset,
-                                                                                         spot):
+                                                                                         plan_cache, spot):
     task_file = tmp_path / "task.yaml"
     secret = "secret-value-never-in-the-yaml"
     done = _launch(["--model", "prsmed-tiny", "--data", str(dataset), "--checkpoint-uri", "s3://bucket/runs/one",
                     "--gpu", "a100-80gb", "--gpu", "h100", "--clouds", "runpod,lambda", "--epochs", "2",
                     "--spot" if spot else "--on-demand", "--dry-run", "--task-file", str(task_file)],
-                   sky_home, AWS_SECRET_ACCESS_KEY=secret, HF_TOKEN="hf_" + secret)
+                   sky_home, plan_cache, AWS_SECRET_ACCESS_KEY=secret, HF_TOKEN="hf_" + secret)
     assert done.returncode == 0, done.stderr[-3000:]
     text = task_file.read_text()
     assert text.split("\n", 2)[2] in done.stdout  # --dry-run prints the same task it wrote
@@ -123,17 +130,17 @@ def test_the_task_is_read_by_skypilot_and_its_optimizer_picks_the_cheapest_fitti
     assert task["best"] == (["RunPod", "A100-80GB", True] if spot else ["Lambda", "A100-80GB", False])
 
 
-def test_without_an_enabled_cloud_the_launch_says_what_to_run(tmp_path, sky_home, dataset):
+def test_without_an_enabled_cloud_the_launch_says_what_to_run(tmp_path, sky_home, dataset, plan_cache):
     done = _launch(["--model", "prsmed-tiny", "--data", str(dataset), "--checkpoint-uri", "s3://bucket/runs/two",
-                    "--clouds", "runpod", "--max-steps", "2"], sky_home)
+                    "--clouds", "runpod", "--max-steps", "2"], sky_home, plan_cache)
     assert done.returncode == 3, (done.stdout[-2000:], done.stderr[-2000:])
     assert "no cloud is enabled" in done.stderr and "sky check" in done.stderr
     assert "Traceback" not in done.stderr
 
 
-def test_a_checkpoint_uri_on_the_machines_own_disk_is_refused(tmp_path, sky_home, dataset):
+def test_a_checkpoint_uri_on_the_machines_own_disk_is_refused(tmp_path, sky_home, dataset, plan_cache):
     done = _launch(["--model", "prsmed-tiny", "--data", str(dataset), "--checkpoint-uri", f"file://{tmp_path}/c",
-                    "--dry-run"], sky_home)
+                    "--dry-run"], sky_home, plan_cache)
     assert done.returncode == 2 and "must be object storage" in done.stderr
 
 

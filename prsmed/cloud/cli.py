@@ -36,7 +36,8 @@ def _plan_precision(precision: str) -> str:
 def _launch(ctx: typer.Context, *, model: str, data: str, checkpoint_uri: str, gpu: list[str] | None,
             clouds: str | None, spot: bool, max_usd_per_hour: float | None, dry_run: bool, task_file: Path | None,
             name: str | None, options: dict[str, Any]) -> None:
-    from prsmed.cloud.task import CLOUDS, PLATFORMS, LaunchError, build_task, candidates, secret_overrides, to_yaml
+    from prsmed.cloud.task import (CLOUDS, PLATFORMS, LaunchError, build_task, candidates, check_checkpoint_uri,
+                                   secret_overrides, to_yaml)
     from prsmed.plan.cli import print_report
     from prsmed.plan.estimate import PlanOptions, plan
 
@@ -53,6 +54,7 @@ def _launch(ctx: typer.Context, *, model: str, data: str, checkpoint_uri: str, g
     except ValidationError as e:
         _fail(validation_problems(e, as_flag))
     try:
+        check_checkpoint_uri(checkpoint_uri)  # before the planner's minute on a big model
         effective = config.batch_size * config.grad_accum if "batch_size" in given else None
         report = plan(PlanOptions(model=model, precision=_plan_precision(config.precision), batch_size=effective,
                                   grad_checkpointing=config.grad_checkpointing, epochs=config.epochs))

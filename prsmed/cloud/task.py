@@ -131,13 +131,17 @@ def _train_args(config: TrainConfig, *, data: str, extra_set: set[str]) -> list[
     return args
 
 
-def build_task(config: TrainConfig, *, data_uri: str, plan: dict[str, Any], clouds: list[str] | None, spot: bool,
-               name: str | None = None) -> dict[str, Any]:
-    """The task YAML, as a dict, for training ``config`` on one of ``plan['accelerators']``."""
-    uri = config.checkpoint_uri
+def check_checkpoint_uri(uri: str | None) -> str:
     if not uri or not scheme(uri) or scheme(uri) == "file":
         raise LaunchError("--checkpoint-uri must be object storage (s3://, gs://, az://): the machine's own disk "
                           "goes with it when it is preempted")
+    return uri
+
+
+def build_task(config: TrainConfig, *, data_uri: str, plan: dict[str, Any], clouds: list[str] | None, spot: bool,
+               name: str | None = None) -> dict[str, Any]:
+    """The task YAML, as a dict, for training ``config`` on one of ``plan['accelerators']``."""
+    uri = check_checkpoint_uri(config.checkpoint_uri)
     extras = sorted({STORE_EXTRA[s] for s in (scheme(uri), scheme(data_uri)) if s in STORE_EXTRA}
                     | ({"wandb"} if "wandb" in config.destinations() else set()))
     stores = {scheme(uri), scheme(data_uri)} | ({"wandb"} if "wandb" in config.destinations() else set())
