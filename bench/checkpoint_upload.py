@@ -1,11 +1,11 @@
 """Step time with checkpoints mirrored to object storage (--checkpoint-uri) against without.
 
-Trains prsmed-tiny on a small generated dataset twice, alternating, with a checkpoint after every step (the worst
-case: a real run checkpoints every few hundred steps): once with checkpoints on the local disk only, once also
-mirrored to an S3 server on 127.0.0.1 (moto in server mode, a separate process; the ``test`` extra installs it).
-Uploads run on a background thread, so the training step should not wait for them. Reports the median
-``step_time_s`` of the training steps (metrics.jsonl) of each, the time the run's end waited for the last uploads,
-and their ratio.
+Trains prsmed-tiny on a small generated dataset, alternating, with a checkpoint every ``--save-every`` steps (1, the
+default, is the worst case: a real run checkpoints every few hundred steps): once with checkpoints on the local disk
+only, once also mirrored to an S3 server on 127.0.0.1 (tests/object_store.py: moto in server mode, a separate
+process at the lowest priority; the ``test`` extra installs it). Uploads run on a background thread, so the training
+step should not wait for them. Reports the median ``step_time_s`` of the training steps (metrics.jsonl) of each, their
+ratio, each run's wall time and how many uploads its log reports.
 
     python bench/checkpoint_upload.py [--steps 12] [--rounds 2] [--save-every 1] [--work runs/bench-upload]
 """
@@ -16,39 +16,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_s3(bucket: str) -> tuple[subprocess.Popen, dict[str, str]]:
-    import boto3
-
-    port = _free_port()
-    # The store is another machine in real use: here it runs at the lowest priority, so that the figure is the
-    # trainer's own cost of uploading, not the stand-in server's CPU.
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.nice(19))
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-    for _ in range(200):
-        try:
-            boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                         aws_access_key_id="bench", aws_secret_access_key="bench-secret").create_bucket(Bucket=bucket)
-            return proc, env
-        except Exception:  # not listening yet
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the moto S3 server did not start")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from object_store import start_object_store  # noqa: E402
 
 
 def train(data: Path, out: Path, steps: int, save_every: int, uri: str | None, env: dict[str, str]) -> dict:
@@ -81,7 +56,10 @@ def main() -> int:
     data = args.work / "data"
     if not data.exists():
         synthesize(data, n=60, seed=5)
-    proc, env = start_s3("bench")
+    # The store is another machine in real use: here it runs at the lowest priority, so that the figure is the
+    # trainer's own cost of uploading, not the stand-in server's CPU.
+    store = start_object_store("bench", niceness=19)
+    env = {k: v for k, v in store.env().items() if k.startswith("AWS_")}
     try:
         results: dict[str, list[dict]] = {"local": [], "s3": []}
         for r in range(args.rounds):
@@ -89,7 +67,7 @@ def main() -> int:
             results["s3"].append(train(data, args.work / "s3", args.steps, args.save_every, f"s3://bench/round{r}",
                                        env))
     finally:
-        proc.terminate()
+        store.stop()
     local = statistics.median(x["median_step_s"] for x in results["local"])
     s3 = statistics.median(x["median_step_s"] for x in results["s3"])
     summary = {"median_step_s": {"local": round(local, 4), "s3": round(s3, 4)}, "ratio": round(s3 / local, 3),

@@ -149,7 +149,6 @@ def train_steps(model, batch: int, *, precision: str, device, steps: int) -> dic
     losses = [step() for _ in range(steps)]
     sync(device)
     seconds = (time.perf_counter() - t0) / steps
-    del opt
     return {"step_s": round(seconds, 4), "samples_per_s": round(batch / seconds, 3),
             "peak_gib": round(peak_bytes(device) / 2**30, 3), "loss_finite": all(math.isfinite(x) for x in losses)}
 

@@ -22,6 +22,14 @@ class VisionEncoder(nn.Module):
 
     contract: VisionEncoderContract
 
+    @staticmethod
+    def check_pixels(pixels: torch.Tensor, *, channels: int, size: int, what: str) -> None:
+        """Raise ValueError unless ``pixels`` is (B, channels, size, size); ``what`` names the encoder and the
+        option that set its size, e.g. "TinySAM encoder configured for img_size=1024"."""
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (channels, size, size):
+            raise ValueError(f"{what} expects pixels of shape (B, {channels}, {size}, {size}), got "
+                             f"{tuple(pixels.shape)}; resize the image to {size}x{size} first")
+
 
 class FusionHead(nn.Module):
     """``forward(image_embeddings, prompt_embeddings, prompt_mask=None)`` -> mask logits (B, 1, upsample*h, upsample*w).

@@ -73,28 +73,32 @@ class LoadReport:
         return text
 
 
+def mismatch_report(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> str:
+    """The first few missing, unexpected and mis-shaped keys of ``found`` against ``expected`` (name -> shape), as
+    one sentence; "" when they agree."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: checkpoint {found[k]} vs model {expected[k]}"
+             for k in expected if k in found and found[k] != expected[k]]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    return "; ".join(parts)
+
+
 def check_fits(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Raise :class:`CheckpointError` unless ``state`` has exactly ``module``'s keys with the same shapes.
 
     The message lists the first few missing, unexpected and mis-shaped keys, so a checkpoint for another model is
     refused instead of half-loaded.
     """
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if items:
-                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    report = mismatch_report({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                             {k: tuple(v.shape) for k, v in state.items()})
+    if report:
         raise CheckpointError(
-            f"{source} does not fit {type(module).__name__}: " + "; ".join(parts)
+            f"{source} does not fit {type(module).__name__}: {report}"
             + ". Is it a checkpoint for a different model or configuration?"
         )
 

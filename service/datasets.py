@@ -17,6 +17,7 @@ upload is never visible under an id.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
 import os
@@ -35,6 +36,7 @@ from prsmed_sdk.models import DatasetInfo
 
 from prsmed.data.layout import MANIFEST_NAME
 from prsmed.data.layout import DatasetError as LayoutError
+from prsmed.fileio import sha256_file
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -336,16 +338,9 @@ class DatasetStore:
 def _content_sha256(root: Path) -> str:
     """A hash of the dataset's files, their paths under its root and their bytes: the same folder zipped twice
     (other timestamps, another order, another compression) gives the same hash."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
+    listing = "".join(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\n"
+                      for p in sorted(p for p in root.rglob("*") if p.is_file()))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _seekable(f) -> bool:

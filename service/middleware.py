@@ -21,6 +21,18 @@ async def _send_json(send, status: int, body: dict, headers: dict[str, str] | No
     await send({"type": "http.response.body", "body": payload})
 
 
+async def _send_replaced(send, start: dict, body: bytes, *, content_type: bytes | None = None) -> None:
+    """Send a buffered response with a new body: the original start (status, other headers) with its length, and
+    its type when given, set for the new body."""
+    drop = (b"content-length", b"content-type") if content_type else (b"content-length",)
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in drop]
+    headers.append((b"content-length", str(len(body)).encode()))
+    if content_type:
+        headers.append((b"content-type", content_type))
+    await send({**start, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _header(scope, name: bytes) -> str | None:
     for k, v in scope.get("headers", []):
         if k.lower() == name:
@@ -112,12 +124,7 @@ class ErrorEnvelopeMiddleware:
         else:
             doc = {"error": ERROR_KINDS.get(status, "error" if status < 500 else "internal"),
                    "message": self._public(_plain_message(body))}
-        payload = json.dumps(doc).encode()
-        headers = [(k, v) for k, v in start.get("headers", [])
-                   if k.lower() not in (b"content-length", b"content-type")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await send({**start, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _send_replaced(send, start, json.dumps(doc).encode(), content_type=b"application/json")
 
 
 class HeaderLimitMiddleware:
@@ -280,10 +287,7 @@ class OpenAPIVersionMiddleware:
                 body = json.dumps(doc).encode()
             except ValueError:
                 pass
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({**start, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_replaced(send, start, body)
 
 
 class MultipartGuardMiddleware:

@@ -50,13 +50,16 @@ class ObjectStore:
             self.process.kill()
 
 
-def start_object_store(bucket: str = "runs") -> ObjectStore:
+def start_object_store(bucket: str = "runs", *, niceness: int = 0) -> ObjectStore:
+    """The server, its user and its bucket. ``niceness`` lowers the server's priority (bench/checkpoint_upload.py:
+    in real use the store is another machine, so its CPU should not count against the trainer's)."""
     import boto3
 
     port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_SETUP_REQUESTS)}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -101,7 +101,7 @@ def test_cut_off_and_damaged_remote_checkpoints_are_skipped(tmp_path, store, s3_
 
     fresh = CheckpointManager(tmp_path / "fresh")
     with caplog.at_level("WARNING", logger="prsmed.train"):
-        restored = mirror.restore_newer(fresh)
+        restored = mirror.restore_newer(fresh.root, fresh.latest_valid())
     assert restored is not None and restored.name == "step-00000001"
     assert fresh.load(restored).trained["w"].tolist() == [1.0, 1.0, 1.0]
     messages = " ".join(r.getMessage() for r in caplog.records)
@@ -109,8 +109,10 @@ def test_cut_off_and_damaged_remote_checkpoints_are_skipped(tmp_path, store, s3_
     assert "step-00000002" in messages and "SHA-256" in messages
     assert not list((tmp_path / "fresh").glob(".tmp-*"))
 
-    # A local checkpoint as new as anything complete on the remote: nothing is downloaded.
-    assert mirror.restore_newer(fresh) is None
+    # A local checkpoint as new as anything complete on the remote: it is the one used, nothing is downloaded.
+    before = sorted(p.name for p in fresh.root.iterdir())
+    assert mirror.restore_newer(fresh.root, restored) == restored
+    assert sorted(p.name for p in fresh.root.iterdir()) == before
 
 
 def test_wrong_credentials_stop_the_run_before_its_first_step(tmp_path, data, s3_env, monkeypatch):

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from prsmed.weights import CheckpointError, read_state_dict, write_state_dict
+from prsmed.weights import CheckpointError, mismatch_report, read_state_dict, write_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -278,18 +278,11 @@ def _write_part(
 def _check_against(
     expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], src: Path, tower: Path
 ) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{k}: {found[k]} vs {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if items:
-                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    report = mismatch_report(expected, found)
+    if report:
         raise CheckpointError(
             f"{src} with the tower in {tower} does not convert into the Llava model the config describes: "
-            + "; ".join(parts) + ". Is the download complete, and is the tower the one the model was trained with?"
+            + report + ". Is the download complete, and is the tower the one the model was trained with?"
         )
 
 

@@ -143,13 +143,8 @@ class SamViTEncoder(VisionEncoder):
         return self.vision_encoder.config
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
-            raise ValueError(
-                f"SAM ViT encoder configured for image_size={self.image_size} expects pixels of shape "
-                f"(B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(pixels.shape)}; resize the image to "
-                f"{self.image_size}x{self.image_size} first"
-            )
+        self.check_pixels(pixels, channels=self.in_channels, size=self.image_size,
+                          what=f"SAM ViT encoder configured for image_size={self.image_size}")
         return self.vision_encoder(pixel_values=pixels).last_hidden_state
 
 

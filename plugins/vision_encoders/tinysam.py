@@ -266,13 +266,8 @@ class TinySAMEncoder(VisionEncoder):
         return self.img_size // STRIDE
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        expected = (self.in_channels, self.img_size, self.img_size)
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
-            raise ValueError(
-                f"TinySAM encoder configured for img_size={self.img_size} expects pixels of shape "
-                f"(B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(pixels.shape)}; resize the image to "
-                f"{self.img_size}x{self.img_size} first"
-            )
+        self.check_pixels(pixels, channels=self.in_channels, size=self.img_size,
+                          what=f"TinySAM encoder configured for img_size={self.img_size}")
         x = self.patch_embed(pixels)
         for layer in self.layers:
             x = layer(x)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import typer
 from pydantic import ValidationError
 
-from prsmed.train.cli import _given, _parameter
+from prsmed.train.cli import _fail, _given, _parameter
 from prsmed.train.config import TrainConfig
 from prsmed.validation import as_flag, validation_problems
 
@@ -22,11 +22,6 @@ launch_app = typer.Typer(help="Train on a rented cloud GPU through SkyPilot (the
 _NOT_OPTIONS = {"model", "data", "out", "resume", "checkpoint_uri", "gpu", "device", "progress", "on_finish",
                 "stop_after"}
 EXIT_NO_CLOUD = 3
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _plan_precision(precision: str) -> str:
@@ -115,7 +110,7 @@ def _check_feasible(sky, task) -> None:
     except exceptions.ResourcesUnavailableError as e:
         _fail(f"none of the clouds enabled here offers one of the fitting GPUs: {str(e).splitlines()[0]}; run "
               f"`sky check` to enable more clouds, or widen --gpu / --clouds / --max-usd-per-hour", EXIT_NO_CLOUD)
-    except SystemExit:
+    except SystemExit:  # SkyPilot 0.9's cloud check exits instead of raising when it finds no cloud
         _fail("no cloud is enabled for SkyPilot on this machine: run `sky check`", EXIT_NO_CLOUD)
 
 

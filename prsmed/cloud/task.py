@@ -90,8 +90,9 @@ def candidates(report: dict[str, Any], *, batch_size: int | None, grad_checkpoin
         checkpointing = grad_checkpointing or "--grad-checkpointing" in (smallest["needs"] or "")
     else:
         batch, accum, checkpointing = batch_size, None, grad_checkpointing
+    order = [g.name for g in catalogue.gpu]
     chosen = sorted({r["gpu"] for r in usable if r["max_batch"] >= batch
-                     and (checkpointing or "--grad-checkpointing" not in (r["needs"] or ""))}, key=lambda g: [x.name for x in catalogue.gpu].index(g))
+                     and (checkpointing or "--grad-checkpointing" not in (r["needs"] or ""))}, key=order.index)
     if not chosen:
         raise LaunchError(f"no GPU in the planner's catalogue fits batch {batch}"
                           f"{' with' if checkpointing else ' without'} gradient checkpointing")
@@ -142,10 +143,10 @@ def build_task(config: TrainConfig, *, data_uri: str, plan: dict[str, Any], clou
                name: str | None = None) -> dict[str, Any]:
     """The task YAML, as a dict, for training ``config`` on one of ``plan['accelerators']``."""
     uri = check_checkpoint_uri(config.checkpoint_uri)
-    extras = sorted({STORE_EXTRA[s] for s in (scheme(uri), scheme(data_uri)) if s in STORE_EXTRA}
-                    | ({"wandb"} if "wandb" in config.destinations() else set()))
-    stores = {scheme(uri), scheme(data_uri)} | ({"wandb"} if "wandb" in config.destinations() else set())
-    secrets = {var: None for var, need in SECRET_VARS.items() if need == "always" or need in stores}
+    # What the run reaches beyond the machine: the stores of its checkpoints and data, and wandb if it reports there.
+    reaches = {scheme(uri), scheme(data_uri)} | ({"wandb"} if "wandb" in config.destinations() else set())
+    extras = sorted({STORE_EXTRA.get(r, r) for r in reaches if r in STORE_EXTRA or r == "wandb"})
+    secrets = {var: None for var, need in SECRET_VARS.items() if need == "always" or need in reaches}
 
     file_mounts: dict[str, Any] = {}
     fetch = ""

@@ -51,13 +51,15 @@ def predict_command(
         print(json.dumps(result.to_dict(), indent=2))
         return
     console = Console()
-    console.print(result.answer, highlight=False)
+    console.print(result.answer, highlight=False, soft_wrap=True)
+    # The sets `consistent` compares (docs/service.md), so two lesions show as two zones on each side.
     agree = "agrees" if result.consistent else "does NOT agree"
+    named = ", ".join(result.zones_from_text) or "none named"
     console.print(
-        f"mask zone: {result.zone} · text zone: {result.zone_from_text} ({agree}) · area "
+        f"mask zones: {', '.join(result.zones)} · answer's zones: {named} ({agree}) · area "
         f"{result.area_fraction:.1%} · bbox {result.bbox} · confidence {result.confidence:.2f} · "
         f"{result.timings_ms['total']:.0f} ms",
-        highlight=False,
+        highlight=False, soft_wrap=True,  # one line in a pipe or a log, however long
     )
 
 

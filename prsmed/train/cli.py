@@ -26,9 +26,9 @@ from prsmed.validation import as_flag, validation_problems
 EXIT_BAD_OPTIONS = 2
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = EXIT_BAD_OPTIONS) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(EXIT_BAD_OPTIONS)
+    raise typer.Exit(code)
 
 
 def _plain(annotation: Any) -> Any:

@@ -60,11 +60,6 @@ def scrub(text: str) -> str:
     return re.sub(r"(//[^/:@\s]+):[^/@\s]+@", r"\1:***@", text)
 
 
-def shown(uri: str) -> str:
-    """The URI as it may appear in a log: without credentials."""
-    return scrub(uri)
-
-
 def open_filesystem(uri: str):
     """(filesystem, root path) for ``uri``; a missing back-end names the extra that installs it."""
     import fsspec
@@ -76,12 +71,12 @@ def open_filesystem(uri: str):
         try:
             require(BACKENDS[scheme])
         except MissingExtra as e:
-            raise RemoteError(f"--checkpoint-uri {shown(uri)}: {e}") from None
+            raise RemoteError(f"--checkpoint-uri {scrub(uri)}: {e}") from None
     try:
         # A fresh instance: fsspec's cache would keep the credentials an earlier instance was made with.
         fs, root = fsspec.core.url_to_fs(uri, skip_instance_cache=True)
     except (ValueError, ImportError) as e:
-        raise RemoteError(f"--checkpoint-uri {shown(uri)}: {scrub(str(e))}") from None
+        raise RemoteError(f"--checkpoint-uri {scrub(uri)}: {scrub(str(e))}") from None
     return fs, root.rstrip("/")
 
 
@@ -110,11 +105,11 @@ class CheckpointMirror:
             found = self.fs.cat_file(probe)
             self.fs.rm_file(probe)
         except Exception as e:  # each back-end raises its own types; all mean "cannot use this store"
-            raise RemoteError(f"--checkpoint-uri {shown(self.uri)}: cannot write there ({type(e).__name__}: "
+            raise RemoteError(f"--checkpoint-uri {scrub(self.uri)}: cannot write there ({type(e).__name__}: "
                               f"{scrub(str(e))}); check the bucket's name and this machine's credentials "
                               f"(for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)") from None
         if found != b"ok":
-            raise RemoteError(f"--checkpoint-uri {shown(self.uri)}: an object written there read back differently")
+            raise RemoteError(f"--checkpoint-uri {scrub(self.uri)}: an object written there read back differently")
 
     # uploading ------------------------------------------------------------------------------------------------
     def submit(self, local: Path, *, best: str | None = None) -> None:
@@ -166,7 +161,7 @@ class CheckpointMirror:
                 else:
                     self.fs.put_file(str(local), f"{self.root}/{local.name}")
             except Exception as e:  # a failed upload must not kill training: the next checkpoint tries again
-                message = f"upload of {local} to {shown(self.uri)} failed ({type(e).__name__}: {scrub(str(e))})"
+                message = f"upload of {local} to {scrub(self.uri)} failed ({type(e).__name__}: {scrub(str(e))})"
                 self.errors.append(message)
                 log.warning("%s", message)
             finally:
@@ -180,7 +175,7 @@ class CheckpointMirror:
         if not self._upload_tree(local, remote, last=MANIFEST):
             return
         self.uploaded.append(local.name)
-        log.info("checkpoint %s mirrored to %s in %.1f s", local.name, shown(self.uri), time.monotonic() - t0)
+        log.info("checkpoint %s mirrored to %s in %.1f s", local.name, scrub(self.uri), time.monotonic() - t0)
         self.prune(best=best)
 
     def _upload_tree(self, local: Path, remote: str, *, last: str | None = None) -> bool:
@@ -232,10 +227,10 @@ class CheckpointMirror:
                 self.fs.rm(f"{base}/{name}", recursive=True)
 
     # restoring ------------------------------------------------------------------------------------------------
-    def restore_newer(self, manager: CheckpointManager) -> Path | None:
-        """When the remote holds a complete checkpoint newer than any good local one (a new machine, an emptied
-        disk), download the newest that verifies into ``manager.root`` and return its path."""
-        local = manager.latest_valid()
+    def restore_newer(self, root: Path, local: Path | None) -> Path | None:
+        """The checkpoint to resume from: the newest complete remote one that verifies, downloaded into ``root``,
+        when it is newer than ``local`` (the newest good local one; None on a new machine or an emptied disk);
+        otherwise ``local``."""
         have = _step(local.name) if local is not None else -1
         done = self.complete()
         for name in self.listed():
@@ -243,12 +238,12 @@ class CheckpointMirror:
                 log.warning("skipping remote checkpoint %s: it has no %s marker (its upload was cut off)", name, MARKER)
         for name in reversed(done):
             if _step(name) <= have:
-                return None
+                break
             try:
-                return self._download(name, manager.root)
+                return self._download(name, root)
             except CheckpointError as e:
                 log.warning("skipping remote checkpoint %s: %s", name, scrub(str(e)))
-        return None
+        return local
 
     def _download(self, name: str, root: Path) -> Path:
         root.mkdir(parents=True, exist_ok=True)
@@ -268,12 +263,12 @@ class CheckpointMirror:
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"download failed ({type(e).__name__}: {scrub(str(e))})") from None
-        log.info("restored checkpoint %s from %s", name, shown(self.uri))
+        log.info("restored checkpoint %s from %s", name, scrub(self.uri))
         return final
 
     def describe(self) -> dict[str, Any]:
         """For summary.json: where the run was mirrored, what reached it, what failed."""
-        return {"uri": shown(self.uri), "checkpoints_uploaded": len(self.uploaded),
+        return {"uri": scrub(self.uri), "checkpoints_uploaded": len(self.uploaded),
                 "last_uploaded": self.uploaded[-1] if self.uploaded else None, "errors": self.errors[-5:]}
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,9 +102,6 @@ def open_wandb(out: Path, config: dict[str, Any]):
     """A wandb run for this run directory. Its id is kept in ``RUN/wandb-run-id``, so a resumed run (a new
     process, a new machine with the same --out or --checkpoint-uri) continues the same wandb run. Project, entity
     and mode come from wandb's own variables (WANDB_PROJECT, default "prsmed"; WANDB_MODE=offline for none)."""
-    import os
-    import uuid
-
     from prsmed.extras import require
 
     require("wandb")

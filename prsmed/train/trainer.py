@@ -63,7 +63,7 @@ from prsmed.train.lifecycle import (
     write_failed_summary,
 )
 from prsmed.train.losses import LossWeights, soft_dice
-from prsmed.train.remote import CheckpointMirror, RemoteError, shown
+from prsmed.train.remote import CheckpointMirror, RemoteError, scrub
 from prsmed.train.run_log import RunLog, setup_logging
 from prsmed.train.run_state import RunIdentity, copy_trained, trained_tensors
 from prsmed.train import step as forward_step
@@ -204,7 +204,7 @@ class Trainer:
             try:
                 self.mirror = CheckpointMirror(uri, keep_last=self.config.keep_last)
                 self.mirror.check_access()
-                log.info("checkpoints are mirrored to %s", shown(uri))
+                log.info("checkpoints are mirrored to %s", scrub(uri))
             except RemoteError as e:
                 error = str(e)
         error = self.dist.broadcast_object(error)
@@ -694,16 +694,16 @@ class Trainer:
                                 f"continue that run, or choose a new --out")
         remote = self.dist.broadcast_object(self.mirror.complete() if self.mirror is not None else [])
         if remote:
-            raise TrainingError(f"--checkpoint-uri {shown(self.config.checkpoint_uri or '')} already holds checkpoints "
+            raise TrainingError(f"--checkpoint-uri {scrub(self.config.checkpoint_uri or '')} already holds checkpoints "
                                 f"({', '.join(remote[-3:])}); pass --resume to continue that run, or choose a new URI")
         return False
 
     def resume(self) -> bool:
         """Restore the newest good checkpoint: weights, optimizer, schedule, scaler, RNG, data position. With
         --checkpoint-uri, a newer one there than on the local disk is downloaded first."""
-        if self.mirror is not None:
-            self.mirror.restore_newer(self.manager)
         chosen = self.manager.latest_valid() if self.dist.main else None
+        if self.mirror is not None:
+            chosen = self.mirror.restore_newer(self.manager.root, chosen)
         chosen = self.dist.broadcast_object(None if chosen is None else str(chosen))
         if chosen is None:
             if self.dist.main:
@@ -823,7 +823,7 @@ class Trainer:
         if not self.mirror.flush(timeout):
             self.mirror_wait = 0.0  # said once; the rest of the exit does not wait again
             log.warning("uploads to %s were still running after %.0f s; the last complete checkpoint there is "
-                        "what a resume will use", shown(self.mirror.uri), timeout)
+                        "what a resume will use", scrub(self.mirror.uri), timeout)
 
     def _final_metrics(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {"steps": self.step, "epochs": round(self._epoch_progress(), 4),
