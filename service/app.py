@@ -1,8 +1,8 @@
 """The BentoML service: ``POST /v1/predict`` is a BentoML API; the other ``/v1`` routes are a FastAPI app mounted
 on the same server. Settings come from the environment (see :mod:`.config`), which ``prsmed serve`` fills.
 
-BentoML keeps ``/readyz`` (ready once the model is loaded: the service's ``__init__`` loads it), ``/livez``,
-``/metrics`` and ``/docs.json``.
+BentoML keeps ``/readyz`` (ready once the model is loaded: the service's ``__init__`` loads it), ``/livez`` and
+``/docs.json``; ``/`` (the API reference, offline) and ``/metrics`` (by route template) are this service's own.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from pathlib import Path
 from typing import Optional
 
 import bentoml
@@ -22,16 +21,20 @@ from prsmed.components import ComponentError
 from prsmed.hub import HubError, is_hub_ref, push as hub_push
 from prsmed.infer.adapters import check_name
 from prsmed.infer import AdapterNotFound, BundleError, InvalidInput, mask_png
-from prsmed_sdk.models import AdapterInfo, DatasetInfo, ErrorBody, HubPullRequest, HubPushRequest, HubPushResult, \
-    JobInfo, JobRequest, ModelInfo, PlanReport, PlanRequest, PluginInfo, PredictResponse
+from prsmed_sdk import rle
+from prsmed_sdk.models import MASK_FORMATS, AdapterInfo, DatasetInfo, ErrorBody, HubPullRequest, HubPushRequest, \
+    HubPushResult, JobInfo, JobRequest, MaskRLE, ModelInfo, PlanReport, PlanRequest, PluginInfo, PredictResponse
 
 from .auth import load_token, token_matches
 from .config import ServiceConfig
 from .datasets import DatasetError, DatasetNotFound, UploadTooLarge
 from .jobs import InvalidJob, JobNotFound, QueueFull
+from .metrics import MetricsMiddleware, route_templates
+from .pages import LandingPageMiddleware
 from .middleware import (AuthMiddleware, BodyLimitMiddleware, ErrorEnvelopeMiddleware, HeaderLimitMiddleware,
                          MultipartGuardMiddleware, OpenAPIVersionMiddleware)
 from .runtime import Runtime, list_models
+from .upload import ImageUpload
 
 log = logging.getLogger("prsmed.service")
 CONFIG = ServiceConfig.from_env()
@@ -70,9 +73,12 @@ def resolve_adapter(rt: Runtime, adapter: str | None, hf_token: str | None) -> s
     return check_name(adapter)
 
 
-def to_response(result, model: str) -> PredictResponse:
+def to_response(result, model: str, mask_format: str = "png") -> PredictResponse:
     d = result.to_dict()
     d.pop("image_size", None)
+    if mask_format == "rle":
+        return PredictResponse(**d, image_size=list(result.image_size), model=model,
+                               mask_rle=MaskRLE(**rle.encode(result.mask)))
     return PredictResponse(**d, image_size=list(result.image_size), model=model,
                            mask_png=base64.b64encode(mask_png(result.mask)).decode())
 
@@ -285,8 +291,10 @@ def _mount_demo() -> None:
 
     from prsmed_demo import build_demo
 
+    # root_path: BentoML mounts this app at /ui without telling it, and Gradio then writes file URLs (an example's
+    # image) from the server root, where they 404.
     gr.mount_gradio_app(
-        ui, build_demo(_demo_backend), path="",
+        ui, build_demo(_demo_backend), path="", root_path="/ui",
         auth=(lambda _user, password: token_matches(password, _TOKEN)) if _TOKEN else None,
         auth_message="This server needs its API token: any user name, the token as the password.",
         footer_links=[], ssr_mode=False, max_file_size=CONFIG.max_dataset_bytes,
@@ -297,7 +305,9 @@ def _mount_demo() -> None:
 # The BentoML service.
 
 
-@bentoml.service(name="prsmed", workers=1, threads=CONFIG.threads, traffic={"timeout": 600})
+# BentoML's own traffic metrics are off: they label raw paths (service/metrics.py counts by route template).
+@bentoml.service(name="prsmed", workers=1, threads=CONFIG.threads, traffic={"timeout": 600},
+                 metrics={"enabled": False})
 @bentoml.asgi_app(api, path="/v1")
 @bentoml.asgi_app(ui, path="/ui")
 class PrsMed:
@@ -311,27 +321,31 @@ class PrsMed:
         return self.rt is not None
 
     @bentoml.api(route="/v1/predict")
-    def predict(self, image: Path, question: str, adapter: Optional[str] = None,
-                slice: Optional[str] = None, *, ctx: bentoml.Context) -> PredictResponse:
+    def predict(self, image: ImageUpload, question: str, adapter: Optional[str] = None,
+                slice: Optional[str] = None, mask_format: str = "png", *, ctx: bentoml.Context) -> PredictResponse:
         """Segmentation with reasoning: the answer, the zone of the mask and of the text, and the mask.
 
         ``image``: PNG, JPEG, DICOM or NIfTI; ``slice`` picks a NIfTI slice or DICOM frame ("z=42", "frame=3");
         ``adapter``: a store name or a Hub reference ``hf://owner/name@revision`` (header ``X-HF-Token`` for a
-        private one).
+        private one); ``mask_format``: ``png`` (``mask_png``, base64) or ``rle`` (``mask_rle``, COCO run-length
+        encoding as pycocotools writes it).
         """
-        out = self._predict(image, question, adapter, slice, ctx.request.headers.get("x-hf-token"))
+        if mask_format not in MASK_FORMATS:
+            out = error(400, "invalid_input", f"mask_format must be one of {', '.join(MASK_FORMATS)}; found "
+                                              f"{mask_format!r}")
+        else:
+            out = self._predict(image, question, adapter, slice, ctx.request.headers.get("x-hf-token"), mask_format)
         # BentoML gives an API with a context parameter the context's status, whatever the returned response says.
         if isinstance(out, JSONResponse):
             ctx.response.status_code = out.status_code
         return out
 
-    def _predict(self, image: Path, question: str, adapter: Optional[str], slice: Optional[str],
-                 hf_token: Optional[str]):
+    def _predict(self, image: ImageUpload, question: str, adapter: Optional[str], slice: Optional[str],
+                 hf_token: Optional[str], mask_format: str):
         try:
             adapter = resolve_adapter(self.rt, adapter, hf_token)
-            data = Path(image).read_bytes()
             name = f"upload#{slice}" if slice else "upload"
-            result = self.rt.batcher.predict(data, question, adapter=adapter, filename=name)
+            result = self.rt.batcher.predict(image.data, question, adapter=adapter, filename=name)
         except HubError as e:
             return hub_error(e)
         except BundleError as e:  # before ValueError, of which it is one
@@ -340,15 +354,18 @@ class PrsMed:
             return error(400, "invalid_input", str(e))
         except AdapterNotFound as e:
             return error(404, "not_found", str(e))
-        return to_response(result, self.rt.config.model)
+        return to_response(result, self.rt.config.model, mask_format)
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.rt.close()
 
 
-# Starlette runs the first-added middleware outermost: header limits, then auth, so an unauthenticated upload is
-# refused before its size matters or its body is read.
+# Starlette runs the first-added middleware outermost: metrics (which sees the status the client gets), the error
+# envelope, header limits, then auth, so an unauthenticated upload is refused before its size matters or its body
+# is read.
+PrsMed.add_asgi_middleware(MetricsMiddleware, route_of=route_templates({"/v1": api.routes}))
+PrsMed.add_asgi_middleware(LandingPageMiddleware)
 PrsMed.add_asgi_middleware(ErrorEnvelopeMiddleware, hide=(str(CONFIG.data_dir.resolve()), str(CONFIG.data_dir)))
 PrsMed.add_asgi_middleware(HeaderLimitMiddleware)
 PrsMed.add_asgi_middleware(OpenAPIVersionMiddleware, info={

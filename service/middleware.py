@@ -291,12 +291,13 @@ class OpenAPIVersionMiddleware:
 
 
 class MultipartGuardMiddleware:
-    """Check a multipart body while it streams to a BentoML API route, and answer 400 when it is malformed.
+    """Answer 400, with the reason, to a malformed multipart body sent to a BentoML API route.
 
     BentoML parses the form of ``POST /v1/predict`` with Starlette before the service's code runs, and turns the
     400 that Starlette raises for a malformed body (a bad part header, no boundary, a part without a name, too many
-    parts) into a 500. This middleware feeds the same bytes to the same parser (python-multipart) with Starlette's
-    limits, in step with the app and keeping nothing, and answers 400 with the reason instead."""
+    parts) into a 500. A good body is parsed once, by BentoML: this keeps a reference to each chunk as it streams
+    by, and only when the answer is a 500 parses them (python-multipart, with Starlette's limits) to tell a
+    malformed body, answered 400, from a failure of the server, passed on."""
 
     def __init__(self, app, paths: tuple[str, ...] = ("/v1/predict",), max_parts: int = 1000,
                  max_field_bytes: int = 1024 * 1024) -> None:
@@ -315,17 +316,40 @@ class MultipartGuardMiddleware:
         _, params = parse_options_header(content_type)
         if not params.get(b"boundary"):
             return await self._refuse(send, "the multipart Content-Type has no boundary")
-        parser = self._parser(params[b"boundary"])
+        body: list[bytes] = []
+        failed: list[dict] = []  # the 500's messages, held until the body is judged
 
-        def parse(chunk: bytes) -> None:
-            try:
-                parser.write(chunk)
-            except Exception as e:  # python-multipart's parse errors and the limits below alike
-                raise _Refused(str(e) or type(e).__name__) from e
+        async def keep():
+            message = await receive()
+            if message["type"] == "http.request":
+                body.append(message.get("body", b""))
+            return message
 
-        reason = await _run_checking_body(self.app, scope, receive, send, parse)
-        if reason:
-            await self._refuse(send, reason)
+        async def judge(message):
+            if message["type"] == "http.response.start" and message["status"] >= 500:
+                failed.append(message)
+                return
+            if not failed:
+                return await send(message)
+            failed.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                reason = self._malformed(params[b"boundary"], b"".join(body))
+                if reason:
+                    return await self._refuse(send, reason)
+                for held in failed:
+                    await send(held)
+
+        await self.app(scope, keep, judge)
+
+    def _malformed(self, boundary: bytes, data: bytes) -> str | None:
+        """Why ``data`` is not a readable multipart body, or None."""
+        try:
+            parser = self._parser(boundary)
+            parser.write(data)
+            parser.finalize()
+        except Exception as e:  # python-multipart's parse errors and the limits of _parser alike
+            return str(e) or type(e).__name__
+        return None
 
     @staticmethod
     async def _refuse(send, reason: str) -> None:

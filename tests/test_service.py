@@ -96,7 +96,7 @@ def test_listing_routes_and_bentoml_routes(server):
     assert r.status_code == 404 and "unknown adapter" in r.json()["message"]
     assert httpx.get(server.url + "/livez").status_code == 200
     assert httpx.get(server.url + "/readyz").status_code == 200
-    assert "bentoml" in httpx.get(server.url + "/metrics").text
+    assert "prsmed_http_requests_total" in httpx.get(server.url + "/metrics").text
     assert "/v1/predict" in httpx.get(server.url + "/docs.json").json()["paths"]
 
 
@@ -190,3 +190,59 @@ def test_serving_beyond_loopback_without_a_token_is_refused(tmp_path, monkeypatc
     result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")])
     assert result.exit_code == 2 and "refusing to serve on 0.0.0.0 without a token" in result.output
     assert "--allow-unauthenticated" in result.output and not (tmp_path / "d").exists()
+
+
+def _request_series(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("prsmed_http_requests_total{")]
+
+
+def test_metrics_are_labelled_by_route_template_and_do_not_grow_with_ids(server):
+    import uuid
+
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for i in range(40):  # job ids, dataset ids, asset names and unknown paths a long-lived server meets
+            c.get(f"/v1/jobs/{uuid.uuid4().hex}")
+            c.get(f"/v1/jobs/{uuid.uuid4().hex}/events")
+            c.get(f"/v1/datasets/{uuid.uuid4().hex}")
+            c.get(f"/ui/assets/index-{uuid.uuid4().hex[:8]}.js")
+            c.get(f"/no/such/{uuid.uuid4().hex}")
+        before = _request_series(c.get("/metrics").text)
+        for i in range(40):
+            c.get(f"/v1/jobs/{uuid.uuid4().hex}")
+            c.get(f"/ui/assets/index-{uuid.uuid4().hex[:8]}.js")
+        after = _request_series(c.get("/metrics").text)
+        text = c.get("/metrics").text
+    routes = {line.split('route="', 1)[1].split('"', 1)[0] for line in after}
+    assert {"/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/datasets/{dataset_id}", "/ui/{path}",
+            "unmatched"} <= routes
+    assert len(after) == len(before) < 60, after  # 80 more requests with fresh ids: no new series
+    assert 'route="/v1/jobs/{job_id}",status="404"' in text
+    assert "endpoint=" not in text  # BentoML's raw-path series are off
+
+
+def test_the_landing_page_is_this_projects_and_needs_no_network(server):
+    import re
+
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "PRS-Med service" in page and "googletagmanager" not in page
+    refs = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page)
+    assert refs and not [u for u in refs if re.match(r"(https?:)?//", u)], refs
+    for ref in refs:  # every file the page loads is this server's own
+        assert httpx.get(server.url + "/" + ref.removeprefix("./")).status_code == 200, ref
+
+
+def test_masks_as_coco_run_length_encoding(server):
+    from prsmed_sdk import Client
+
+    image = png_bytes()
+    with Client(server.url) as c:
+        as_png = c.predict(image, "Where is the lesion?")
+        as_rle = c.predict(image, "Where is the lesion?", mask_format="rle")
+    assert as_rle.mask_png is None and as_rle.mask_rle.size == [80, 96]
+    assert as_png.mask_rle is None
+    assert as_rle.mask.shape == (80, 96) and (as_rle.mask == as_png.mask).all() and as_png.mask.any()
+    assert as_rle.answer == as_png.answer
+    r = predict(server.url, image, mask_format="bitmap")
+    assert r.status_code == 400 and r.json()["error"] == "invalid_input" and "png, rle" in r.json()["message"]

@@ -17,7 +17,7 @@ import httpx
 
 from . import _png
 from .errors import PrsMedError, ServerError, error_for
-from .models import JobEvent
+from .models import MASK_FORMATS, JobEvent
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 TOKEN_ENV = "PRSMED_API_TOKEN"
@@ -111,10 +111,14 @@ def image_part(image) -> tuple[tuple[str, bytes, str], str | None]:
     raise TypeError(f"image must be a path, bytes, a PIL image or a numpy array; found {type(image).__name__}")
 
 
-def predict_form(question: str, adapter: str | None, slice_: str | None) -> dict[str, str]:
+def predict_form(question: str, adapter: str | None, slice_: str | None, mask_format: str = "png") -> dict[str, str]:
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question is empty")
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"mask_format must be one of {', '.join(MASK_FORMATS)}; found {mask_format!r}")
     form = {"question": question}
+    if mask_format != "png":
+        form["mask_format"] = mask_format
     if adapter:
         form["adapter"] = adapter
     if slice_:

@@ -61,9 +61,10 @@ class AsyncClient:
             return check(response)
         raise AssertionError("unreachable")
 
-    async def predict(self, image, question: str, adapter: str | None = None, hf_token: str | None = None) -> Answer:
+    async def predict(self, image, question: str, adapter: str | None = None, hf_token: str | None = None,
+                      mask_format: str = "png") -> Answer:
         part, slice_ = image_part(image)
-        form = predict_form(question, adapter, slice_)
+        form = predict_form(question, adapter, slice_, mask_format)
         response = await self._request("POST", "/v1/predict", data=form, files={"image": part},
                                        headers=hub_headers(hf_token))
         answer = Answer.model_validate(response.json())

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import PrivateAttr
 
-from . import _png
+from . import _png, rle
 from .models import PredictResponse
 
 
@@ -31,20 +31,28 @@ class Answer(PredictResponse):
 
     @property
     def mask_bytes(self) -> bytes:
-        """The mask as the server sent it: an 8-bit greyscale PNG (0 and 255) at the input image's size."""
-        return base64.b64decode(self.mask_png)
+        """The mask as an 8-bit greyscale PNG (0 and 255) at the input image's size: as the server sent it, or
+        drawn from the run-length encoding (mask_format="rle"; needs numpy)."""
+        if self.mask_png is not None:
+            return base64.b64decode(self.mask_png)
+        return _png.encode(self.mask.astype("uint8") * 255)
 
     @property
     def mask(self):
-        """The mask as a boolean numpy array of shape (height, width) (needs numpy)."""
+        """The mask as a boolean numpy array of shape (height, width) (needs numpy), from either format."""
         if self._mask is None:
             _need("numpy")
-            pixels = _png.decode(self.mask_bytes)
-            self._mask = (pixels if pixels.ndim == 2 else pixels[..., 0]) > 127
+            if self.mask_rle is not None:
+                self._mask = rle.decode(self.mask_rle.model_dump())
+            elif self.mask_png is not None:
+                pixels = _png.decode(self.mask_bytes)
+                self._mask = (pixels if pixels.ndim == 2 else pixels[..., 0]) > 127
+            else:
+                raise ValueError("the answer carries no mask (neither mask_png nor mask_rle)")
         return self._mask
 
     def save_mask(self, path: str | os.PathLike) -> None:
-        """Write the mask PNG as received (no extra packages needed)."""
+        """Write the mask as a PNG."""
         with open(path, "wb") as f:
             f.write(self.mask_bytes)
 

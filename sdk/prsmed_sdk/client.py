@@ -65,13 +65,15 @@ class Client:
 
     # -- inference -------------------------------------------------------------------------------------------------
 
-    def predict(self, image, question: str, adapter: str | None = None, hf_token: str | None = None) -> Answer:
+    def predict(self, image, question: str, adapter: str | None = None, hf_token: str | None = None,
+                mask_format: str = "png") -> Answer:
         """Ask where the lesion is. ``image``: a path (``scan.nii.gz#z=42`` picks a slice), bytes, a PIL image or a
         numpy array. ``adapter``: a name in the server's store or a Hub reference ``hf://owner/name@revision``
-        (``hf_token`` for a private one: sent for that download only). Returns an :class:`Answer` (``answer``,
-        ``zone``, ``consistent``, ``mask``, ...)."""
+        (``hf_token`` for a private one: sent for that download only). ``mask_format``: "png" (the default) or
+        "rle" (COCO run-length encoding, smaller for large images); ``Answer.mask`` decodes either. Returns an
+        :class:`Answer` (``answer``, ``zone``, ``consistent``, ``mask``, ...)."""
         part, slice_ = image_part(image)
-        form = predict_form(question, adapter, slice_)
+        form = predict_form(question, adapter, slice_, mask_format)
         response = self._request("POST", "/v1/predict", data=form, files={"image": part},
                                  headers=hub_headers(hf_token))
         answer = Answer.model_validate(response.json())

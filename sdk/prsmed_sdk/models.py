@@ -19,6 +19,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
+class MaskRLE(_Model):
+    """A mask in COCO's compressed run-length encoding, as pycocotools' ``mask.encode`` writes it (``counts`` as
+    text): ``pycocotools.mask.decode({"size": size, "counts": counts.encode()})`` reads it back."""
+
+    size: list[int] = Field(description="[height, width]")
+    counts: str
+
+
+MASK_FORMATS = ("png", "rle")
+
+
 class PredictResponse(_Model):
     answer: str
     zone: Zone = Field(description="the predicted mask's zone by the authors' rule; 'none' for an empty mask")
@@ -28,7 +39,9 @@ class PredictResponse(_Model):
                                        "when it says there is no lesion, [] when it names none")
     consistent: bool = Field(description="the answer's zones and the mask's are the same set (an answer naming no "
                                          "zone never is)")
-    mask_png: str = Field(description="base64 PNG, 0/255, at the input image's size")
+    mask_png: str | None = Field(None, description="base64 PNG, 0/255, at the input image's size (mask_format=png, "
+                                 "the default)")
+    mask_rle: MaskRLE | None = Field(None, description="COCO run-length encoding (mask_format=rle)")
     bbox: list[int] | None = Field(None, description="[x0, y0, x1, y1] inclusive, or null for an empty mask")
     area_fraction: float
     confidence: float = Field(description="mean lesion probability inside the mask; for an empty mask, one minus "
