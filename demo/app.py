@@ -27,8 +27,24 @@ QUESTIONS = [
 ]
 
 
+SCAN_TYPES = [".dcm", ".dicom", ".nii", ".nii.gz", ".gz"]
+
+
 def example_images() -> list[str]:
     return sorted(str(p) for p in EXAMPLES.glob("*.png"))
+
+
+def read_scan(scan, slice_: str | None) -> np.ndarray:
+    """The RGB slice of a DICOM or NIfTI upload the model will see (``slice_``: "z=42", "frame=3"; empty for the
+    reader's default, the middle slice or the first frame)."""
+    from prsmed.data.readers import ImageReadError, read_image
+
+    path = scan if isinstance(scan, str) else scan.name
+    choice = (slice_ or "").strip()
+    try:
+        return np.asarray(read_image(f"{path}#{choice}" if choice else path))
+    except (ImageReadError, OSError) as e:
+        raise gr.Error(str(e)) from e
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 32), alpha: float = 0.45) -> np.ndarray:
@@ -55,9 +71,11 @@ def build_demo(backend: Backend | Callable[[], Backend], *, title: str = "PRS-Me
     """The Blocks app. ``backend`` may be a callable returning it, for a service whose model loads later."""
     get = backend if callable(backend) and not hasattr(backend, "predict") else (lambda: backend)
 
-    def ask(image, question, adapter):
+    def ask(image, question, adapter, scan=None, slice_=""):
+        if scan is not None:  # a DICOM or NIfTI file is asked about in place of the picture
+            image = read_scan(scan, slice_)
         if image is None:
-            raise gr.Error("Upload an image or pick an example first.")
+            raise gr.Error("Upload an image, a DICOM or NIfTI file, or pick an example first.")
         if not question or not question.strip():
             raise gr.Error("Type a question.")
         t0 = time.perf_counter()
@@ -156,7 +174,13 @@ def build_demo(backend: Backend | Callable[[], Backend], *, title: str = "PRS-Me
         with gr.Tab("Ask"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="numpy", label="Image", image_mode="RGB")
+                    image = gr.Image(type="numpy", label="Image", image_mode="RGB", elem_id="image")
+                    with gr.Accordion("Or a DICOM or NIfTI file", open=False):
+                        scan = gr.File(label="DICOM or NIfTI (asked about in place of the image)",
+                                       file_types=SCAN_TYPES, elem_id="scan")
+                        slice_ = gr.Textbox(value="", label="Slice or frame", elem_id="slice",
+                                            placeholder="z=42 for a NIfTI slice, frame=3 for a DICOM frame; "
+                                                        "empty: the middle slice, the first frame")
                     question = gr.Textbox(label="Question", value=QUESTIONS[0])
                     adapter = gr.Dropdown(label="Adapter", choices=[BASE], value=BASE, allow_custom_value=True)
                     with gr.Row():
@@ -170,7 +194,8 @@ def build_demo(backend: Backend | Callable[[], Backend], *, title: str = "PRS-Me
                     zone = gr.Textbox(label="Zone of the mask")
                     agree = gr.Textbox(label="Do the answer and the mask agree?")
                     timings = gr.JSON(label="Timings (ms)")
-            ask_btn.click(ask, [image, question, adapter], [shown, answer, zone, agree, timings], api_name="ask")
+            ask_btn.click(ask, [image, question, adapter, scan, slice_], [shown, answer, zone, agree, timings],
+                          api_name="ask")
             refresh.click(refresh_adapters, None, adapter, api_name=False)
         with gr.Tab("Fine-tune"):
             with gr.Row():

@@ -50,6 +50,33 @@ def test_ask_through_the_mounted_demo_matches_the_api(server, ui):
     assert changed[api.mask].mean() > 0.9 and not changed[~api.mask].any()  # tinted where the mask is, only there
 
 
+def test_ask_about_a_dicom_frame_and_a_nifti_slice(server, ui, tmp_path):
+    import nibabel as nib
+    from gradio_client import handle_file
+
+    from samples import write_dicom
+
+    frames = np.zeros((3, 64, 64), dtype=np.uint16)
+    frames[:, 8:24, 40:58] = 1000  # the lesion is top right on every frame...
+    frames[2, 8:24, 40:58] = 0
+    frames[2, 40:58, 6:24] = 1000  # ...but bottom left on the third
+    dcm = write_dicom(tmp_path / "series.dcm", frames)
+    volume = np.zeros((64, 64, 5), dtype=np.int16)
+    volume[30:50, 8:26, 3] = 900
+    nii = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), nii)
+    question = "Where is the lesion in this image?"
+    with Client(server.url) as c:
+        for path, choice in ((dcm, "frame=2"), (dcm, ""), (nii, "z=3")):
+            shown, answer, zone, _, _ = ui.predict(None, question, BASE, handle_file(str(path)), choice,
+                                                   api_name="/ask")
+            api = c.predict(f"{path}#{choice}" if choice else str(path), question)
+            assert (answer, zone) == (api.answer, api.zone), (path.name, choice)
+            assert Image.open(shown).size == tuple(api.image_size)
+    with pytest.raises(Exception, match="frame"):
+        ui.predict(None, question, BASE, handle_file(str(dcm)), "frame=9", api_name="/ask")
+
+
 def test_demo_reports_bad_input_without_breaking(ui):
     from gradio_client import handle_file
 
@@ -86,43 +113,113 @@ def test_finetune_tab_runs_a_job_to_an_adapter(ui, tmp_path):
     assert message.startswith("Loaded ui-adapter")
 
 
-@pytest.mark.skipif((CHROMIUM is None or CHROMEDRIVER is None) and not os.environ.get("PRSMED_REQUIRE_BROWSER"),
-                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-def test_browser_uploads_an_image_asks_and_sees_the_overlay(server, tmp_path):
+needs_browser = pytest.mark.skipif(
+    (CHROMIUM is None or CHROMEDRIVER is None) and not os.environ.get("PRSMED_REQUIRE_BROWSER"),
+    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium with no network beyond 127.0.0.1 (other host names do not resolve), recording every
+    request it makes."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
 
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser or driver online
     opts = Options()
     opts.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
                  f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1100"):
         opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
-        driver.get(server.url + "/ui/")
-        wait = WebDriverWait(driver, 90)
-        upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
-        upload.send_keys(os.path.abspath(example_images()[0]))
-        time.sleep(1.0)  # let the component take the file before the click reads it
-        wait.until(EC.element_to_be_clickable((By.ID, "ask"))).click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#overlay img"))
-        answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value"))
-        shot = tmp_path / "demo.png"
-        driver.save_screenshot(str(shot))
+        yield driver
     finally:
         driver.quit()
+
+
+def requested_urls(driver) -> list[str]:
+    import json
+
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+@needs_browser
+def test_browser_uploads_an_image_asks_and_sees_the_overlay(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/ui/")
+    wait = WebDriverWait(browser, 90)
+    upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
+    upload.send_keys(os.path.abspath(example_images()[0]))
+    time.sleep(1.0)  # let the component take the file before the click reads it
+    wait.until(EC.element_to_be_clickable((By.ID, "ask"))).click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#overlay img"))
+    answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value"))
+    shot = tmp_path / "demo.png"
+    browser.save_screenshot(str(shot))
     with Client(server.url) as c:
         expected = c.predict(np.asarray(Image.open(example_images()[0]).convert("RGB")),
                              "Where is the lesion in this image?").answer
     assert answer == expected
     picture = Image.open(io.BytesIO(shot.read_bytes()))
     assert picture.size[0] >= 800 and len(np.unique(np.asarray(picture.convert("L")))) > 10  # a rendered page, not blank
+
+
+def _shown(driver, css: str) -> bool:
+    """An <img> matching ``css`` has loaded a picture (a broken image has no natural width)."""
+    return bool(driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).some(i => i.complete && i.naturalWidth > 0)",
+        css))
+
+
+@needs_browser
+def test_browser_clicking_an_example_shows_its_image_and_answers(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/ui/")
+    wait = WebDriverWait(browser, 90)
+    example = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "button.gallery-item:has(img)")))
+    example.click()
+    wait.until(lambda d: _shown(d, "#image img"))
+    missing = [u for u in requested_urls(browser) if "/gradio_api/file=" in u and "/ui/gradio_api/" not in u]
+    assert not missing, missing  # the file URLs keep the /ui prefix the demo is mounted under
+    wait.until(EC.element_to_be_clickable((By.ID, "ask"))).click()
+    wait.until(lambda d: _shown(d, "#overlay img"))
+    assert wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value"))
+
+
+@needs_browser
+def test_browser_every_page_works_with_no_network(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 90)
+    browser.get(server.url + "/")
+    title = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title"))
+    assert "PRS-Med service" in title[0].text
+    assert wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")) # the routes are listed
+    browser.get(server.url + "/ui/")
+    wait.until(lambda d: d.find_elements(By.ID, "ask"))
+    time.sleep(2.0)  # fonts and late scripts
+    urls = requested_urls(browser)
+    assert any(u.startswith(server.url + "/static_content/") for u in urls)  # the log holds both pages' requests
+    # Every request over the network went to this server (chrome:// pages are the browser's own).
+    outside = [u for u in urls if u.startswith(("http:", "https:", "ws:", "wss:")) and not u.startswith(server.url)]
+    assert not outside, outside
 
 
 @pytest.mark.slow
