@@ -161,7 +161,8 @@ def zoo_build(
 @convert_app.command("llava-med")
 def convert_llava_med(
     src: Path = typer.Argument(..., help="A LLaVA-Med v1.5 checkpoint in its original layout (model_type llava_mistral)."),
-    dst: Path = typer.Argument(..., help="Where to write the transformers-layout checkpoint."),
+    dst: Optional[Path] = typer.Argument(None, help="Where to write the transformers-layout checkpoint (or --to)."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Where to write it, as prsmed convert prsmed-authors."),
     vision_tower: Optional[Path] = typer.Option(
         None, "--vision-tower", help="Local CLIP tower directory (default: the one named in the source config)."
     ),
@@ -172,6 +173,9 @@ def convert_llava_med(
     """Convert an original-layout LLaVA-Med checkpoint into transformers' LLaVA layout."""
     from prsmed_plugins.converters.llava_med import convert_llava_med as convert
 
+    if (dst is None) == (to is None):
+        _fail("name where to write the checkpoint once: --to DIR (or the second argument)")
+    dst = dst or to
     try:
         convert(src, dst, vision_tower_dir=vision_tower, tokenizer_dir=tokenizer)
     except (ComponentError, ValueError, OSError) as e:
@@ -270,9 +274,11 @@ def push_command(
 def pull_command(
     ref: str = typer.Argument(..., help="owner/name[@revision] or hf://owner/name[@revision]."),
     to: Optional[Path] = typer.Option(None, "--to", help="Install the bundle here instead of the adapter store."),
-    store: Path = typer.Option(Path(".prsmed/adapters"), "--store", help="The adapter store (prsmed serve's)."),
+    store: Path = typer.Option(Path(".prsmed/adapters"), "--adapter-dir", "--store",
+                               help="The adapter store, as prsmed predict and prsmed demo name it."),
     model: Optional[str] = typer.Option(None, "--model", help="Refuse an adapter made for another base model."),
-    force: bool = typer.Option(False, "--force", help="Download again even if it is already installed."),
+    force: bool = typer.Option(False, "--overwrite", "--force",
+                               help="Download again and replace the installed copy."),
     allow_other_base_weights: bool = typer.Option(
         False, "--allow-other-base-weights", help="Install an adapter trained on other base weights, or written "
         "before they were recorded (loading it then needs the same flag)."),

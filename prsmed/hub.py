@@ -9,7 +9,7 @@ against this installation's zoo, and only then copies it into the adapter store.
 References: ``owner/name``, ``owner/name@revision`` or ``hf://owner/name@revision`` (a branch, tag or commit).
 A reference is pulled once and kept in the store under a name derived from it (``hf--owner--name--revision``);
 later uses read the stored copy without asking the Hub, so a branch is pinned to the commit it had when first
-pulled. Pull again with ``prsmed pull --force`` to move it, or name a commit to be explicit.
+pulled. Pull again with ``prsmed pull --overwrite`` to move it, or name a commit to be explicit.
 
 Tokens: the ``token`` argument, else ``HF_TOKEN`` or the saved login, as ``huggingface_hub`` does. A token is
 passed to the Hub client and nowhere else: never stored, printed or logged.

@@ -14,7 +14,7 @@ data_app = typer.Typer(help="Datasets: synthetic position-reasoning data and val
 @data_app.command("synth")
 def synth(
     out: Path = typer.Argument(..., help="Folder to write (data/<modality>/..., annotations/<modality>.csv)."),
-    n: int = typer.Option(600, "--n", help="Number of images in all, shared evenly among the modalities."),
+    n: int = typer.Option(600, "--n-images", "--n", help="Number of images in all, shared evenly among the modalities."),
     seed: int = typer.Option(0, "--seed", help="The same seed writes the same bytes."),
     size: int = typer.Option(256, "--size", help="Image side in pixels."),
     style: str = typer.Option("standard", "--style",
