@@ -171,11 +171,20 @@ def card_peak_tflops(device, precision: str) -> float | None:
 
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).lower().replace(" ", "")
-    for gpu in load_catalogue().gpu:
-        if gpu.sky and gpu.sky.lower().replace("-", "") in name.replace("-", ""):
-            return gpu.tflops(precision)
-    return None
+    gpu = catalogue_card(torch.cuda.get_device_name(device), load_catalogue().gpu)
+    return gpu.tflops(precision) if gpu is not None else None
+
+
+def catalogue_card(device_name: str, gpus):
+    """The catalogue entry for a CUDA device name, or None: an entry's name (``sky``, dashes dropped) must equal
+    whole consecutive words of the device name ("NVIDIA GeForce RTX 4090" is RTX4090; "NVIDIA L40S" is not L4),
+    and the longest such entry wins ("NVIDIA A100 80GB PCIe" is A100-80GB, not A100)."""
+    import re
+
+    words = [w for w in re.split(r"[\s\-_]+", device_name.lower()) if w]
+    runs = {"".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+    matches = [g for g in gpus if g.sky and g.sky.lower().replace("-", "") in runs]
+    return max(matches, key=lambda g: len(g.sky), default=None)
 
 
 def prediction(model, *, device, calls: int, precision: str) -> dict:
