@@ -1,6 +1,7 @@
 """Pilot of the recipe's first two stages: how well the tiny model's answers name the zone, and how they read.
 
     python bench/grounding_pilot.py [--work runs/pilot] [--test runs/fresh-test] [--set grounding_steps=1500]
+                                    [--two-lesion-test runs/fresh-two-lesions]
                                     [--tower-from PATH/llm.safetensors] [--n-test 300] [--threads 2]
 
 Runs the tower stage and the grounding stage of `prsmed zoo build prsmed-tiny` (``prsmed.zoo.recipe``) from
@@ -36,6 +37,8 @@ def main() -> int:
     parser.add_argument("--test", type=Path, default=Path("runs/fresh-test"))
     parser.add_argument("--no-lesion-test", type=Path, default=Path("runs/fresh-no-lesion"))
     parser.add_argument("--n-test", type=int, default=300)
+    parser.add_argument("--two-lesion-test", type=Path, default=Path("runs/fresh-two-lesions"),
+                        help="400 fresh lung CT images with two nodules each, scored as two_lesions_large")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--tower-from", type=Path, help="take the tower and projector from this llm.safetensors")
     parser.add_argument("--threads", type=int, default=2)
@@ -73,6 +76,12 @@ def main() -> int:
     train = [r for r in load_records(data) if r.split == "train"]
     test = [r for r in load_records(args.test) if r.split == "test"][: args.n_test]
     test += [r for r in load_records(args.no_lesion_test) if r.split == "test"]
+    n_main = len(test)
+    if args.two_lesion_test:  # the same set as bench/tiny_answers.py
+        if not (args.two_lesion_test / "annotations").is_dir():
+            synthesize(args.two_lesion_test, n=400, seed=97, size=cfg.image_size, modalities=("lung_CT",),
+                       two_lesion_fraction=1.0, split_fractions=(0.0, 0.0, 1.0))
+        test += [r for r in load_records(args.two_lesion_test) if r.split == "test"]
 
     spec = PRESETS["prsmed-tiny"].spec.model_copy(deep=True)
     spec.lora = None
@@ -93,8 +102,9 @@ def main() -> int:
     for p in recipe._tower_params(model):
         p.requires_grad_(False)
     t_tower = time.monotonic() - t0
-    lesions = {r.mask_path: recipe.lesions_of(r) for r in train}
-    recipe.train_grounding(model, train, lesions, cfg)
+    ground = recipe.grounding_rows(args.work, train, cfg)
+    lesions = {r.mask_path: recipe.lesions_of(r) for r in ground}
+    recipe.train_grounding(model, ground, lesions, cfg, train)
     t_grounding = time.monotonic() - t0 - t_tower
     if args.save:
         write_state_dict(model.llm.state_dict(), args.save)
@@ -125,10 +135,12 @@ def main() -> int:
                                                                                    len(samples) < 20):
                     samples.append({"truth": want, "answer": answer})
 
-    groups = {"overall": [i for i, t in enumerate(truth) if t != ["none"]],
-              "two_lesions": [i for i, t in enumerate(truth) if len(t) > 1],
-              "no_lesion": [i for i, t in enumerate(truth) if t == ["none"]]}
-    for i, r in enumerate(test):
+    main_truth = truth[:n_main]
+    groups = {"overall": [i for i, t in enumerate(main_truth) if t != ["none"]],
+              "two_lesions": [i for i, t in enumerate(main_truth) if len(t) > 1],
+              "no_lesion": [i for i, t in enumerate(main_truth) if t == ["none"]],
+              "two_lesions_large": [i for i in range(n_main, len(test)) if len(truth[i]) > 1]}
+    for i, r in enumerate(test[:n_main]):
         if truth[i] != ["none"]:
             groups.setdefault(r.modality, []).append(i)
 
