@@ -468,8 +468,9 @@ def _split_counts(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
     total = sum(fractions)
     n_val = int(round(n * fractions[1] / total))
     n_test = int(round(n * fractions[2] / total))
-    if n >= 3:
-        n_val, n_test = max(1, n_val), max(1, n_test)
+    if n >= 3:  # a split asked for gets at least one image; one given no share stays empty
+        n_val = max(1, n_val) if fractions[1] > 0 else n_val
+        n_test = max(1, n_test) if fractions[2] > 0 else n_test
     return n - n_val - n_test, n_val, n_test
 
 
