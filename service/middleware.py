@@ -10,8 +10,6 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .auth import bearer_ok
 
-OPEN_PREFIXES = ("/readyz", "/livez", "/healthz", "/metrics", "/docs.json", "/docs", "/schema.json")
-
 
 async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
     payload = json.dumps(body).encode()

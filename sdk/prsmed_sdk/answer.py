@@ -35,7 +35,7 @@ class Answer(PredictResponse):
         drawn from the run-length encoding (mask_format="rle"; needs numpy)."""
         if self.mask_png is not None:
             return base64.b64decode(self.mask_png)
-        return _png.encode(self.mask.astype("uint8") * 255)
+        return _png.encode(self.mask)  # a bool array is written as 0 and 255
 
     @property
     def mask(self):
