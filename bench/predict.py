@@ -4,9 +4,11 @@ and concurrent clients with and without batching.
     python bench/predict.py [--model prsmed-tiny] [--n 30] [--json OUT]
 
 Starts two real servers (``prsmed serve``: one with batching, one with ``max_batch_size=1``) on free ports, with
-as many torch threads as this process. REST is timed over one kept-open connection (as the SDK and any HTTP
-client library call it), and over a new client per call for the record. Figures are machine-dependent; quote the
-ratios, measured in one run.
+as many torch threads as this process. In-process, REST and gRPC take turns on each image, so the ratios (medians of
+per-image ratios) compare the paths under the same machine state; the server's own ``timings_ms.total`` splits a
+REST call into the model's time inside the server and the HTTP overhead around it. REST is timed over one
+kept-open connection (as the SDK and any HTTP client library call it), and over a new client per call for the
+record. Figures are machine-dependent; quote the ratios, measured in one run.
 """
 
 from __future__ import annotations
@@ -100,7 +102,6 @@ def main() -> None:
 
     predictor = Predictor(args.model, cache_size=0)
     predictor.predict(data[0], question)
-    results["in_process"] = percentiles(timed(lambda d: predictor.predict(d, question), data))
     cached = Predictor(predictor.model, cache_size=256)
     first = timed(lambda d: cached.predict(d, question), data)
     second = timed(lambda d: cached.predict(d, "Which side is it on?"), data)
@@ -121,16 +122,44 @@ def main() -> None:
                     r.raise_for_status()
                 return call
 
-            # One connection kept open, as the SDK and any HTTP client library keep it: the figure is the server's
-            # path, not a TCP handshake and a new client per call (both measured too, for the record).
-            with httpx.Client(base_url=batching.url, timeout=120) as session:
+            # The three paths take turns on each image (the order rotating), so that a machine that speeds up or
+            # slows down over the run moves all three alike; the ratios are medians of per-image ratios. REST keeps
+            # one connection open, as the SDK and any HTTP client library do. The server's own ``timings_ms.total``
+            # splits a REST call into the model's time inside the server and what HTTP costs around it.
+            protos = load_protos()
+            with httpx.Client(base_url=batching.url, timeout=120) as session, \
+                    grpc.insecure_channel(f"127.0.0.1:{batching.grpc_port}") as channel:
+                stub = PrsMedStub(channel)
+
                 def kept(d, fields=None):
                     r = session.post("/v1/predict", files={"image": ("s.png", d)},
                                      data={"question": question, **(fields or {})})
                     r.raise_for_status()
+                    return r.json()["timings_ms"]["total"]
 
-                kept(data[0])
-                results["rest"] = percentiles(timed(kept, data))
+                paths = {"in_process": lambda d: predictor.predict(d, question), "rest": kept,
+                         "grpc": lambda d: stub.Predict(protos.PredictRequest(image=d, question=question),
+                                                        timeout=120)}
+                for fn in paths.values():
+                    fn(data[0])
+                times: dict[str, list[float]] = {k: [] for k in paths}
+                inside: list[float] = []
+                for i, d in enumerate(data):
+                    names = list(paths)
+                    for name in names[i % 3:] + names[: i % 3]:
+                        t = time.perf_counter()
+                        out = paths[name](d)
+                        times[name].append((time.perf_counter() - t) * 1000)
+                        if name == "rest":
+                            inside.append(out)
+                for name, ms in times.items():
+                    results[name] = percentiles(ms)
+                results["rest_server_model"] = percentiles(inside)
+                for name in ("rest", "grpc"):
+                    ratios = [a / b for a, b in zip(times[name], times["in_process"])]
+                    results[f"{name}_over_in_process_p50"] = round(statistics.median(ratios), 2)
+                results["rest_http_overhead_p50_ms"] = round(
+                    statistics.median(a - b for a, b in zip(times["rest"], inside)), 1)
                 results["rest_rle"] = percentiles(timed(lambda d: kept(d, {"mask_format": "rle"}), data))
             results["rest_new_client_per_call"] = percentiles(timed(rest(batching.url), data))
             from prsmed_sdk import Client
@@ -138,14 +167,6 @@ def main() -> None:
             with Client(batching.url) as sdk:
                 sdk.predict(data[0], question)
                 results["sdk"] = percentiles(timed(lambda d: sdk.predict(d, question), data))
-            results["rest_over_in_process_p50"] = round(results["rest"]["p50_ms"] / results["in_process"]["p50_ms"], 2)
-            protos = load_protos()
-            with grpc.insecure_channel(f"127.0.0.1:{batching.grpc_port}") as channel:
-                stub = PrsMedStub(channel)
-                stub.Predict(protos.PredictRequest(image=data[0], question=question), timeout=120)
-                results["grpc"] = percentiles(
-                    timed(lambda d: stub.Predict(protos.PredictRequest(image=d, question=question), timeout=120), data))
-            results["grpc_over_in_process_p50"] = round(results["grpc"]["p50_ms"] / results["in_process"]["p50_ms"], 2)
             results["concurrency"] = {}
             for label, srv in (("batching", batching), ("no_batching", single)):
                 for clients in (1, 4, 16):
