@@ -100,10 +100,10 @@ def data(tmp_path_factory) -> Path:
 
 
 def fake_scores(dice: float, zone: float, agree: float, limit: float = 0.0, repeats: float = 0.0) -> dict:
-    """What Trainer.evaluate returns, with chosen values."""
+    """What Trainer.evaluate returns, with chosen values (no answer both cut and repeating a word)."""
     scores = {"rows": 3, "bad_rows": 0, "soft_dice": dice - 0.01, "dice_at_05": dice, "loss_lm": 1.0,
               "answer_rows": 3, "zone_acc_text": zone, "agreement": agree, "hit_length_limit": limit,
-              "repeated_words": repeats, "examples": ["in the top left."]}
+              "repeated_words": repeats, "well_formed": 1 - limit - repeats, "examples": ["in the top left."]}
     return {**scores, "score": combined_score(scores)}
 
 
@@ -128,13 +128,15 @@ def assert_follows_the_contract(report: dict) -> None:
 def test_repeated_words_and_tallies_add_up():
     assert repeats_a_word("top left left.") and repeats_a_word("In the the upper right")
     assert not repeats_a_word("in the top left, near the centre.") and not repeats_a_word("")
-    a = AnswerTally(rows=2, zone_text_ok=1, agree=2, repeated=0, limit_known=2, hit_limit=1, examples=[(4, "x")])
-    b = AnswerTally(rows=1, zone_text_ok=1, agree=0, repeated=1, limit_known=0, hit_limit=0, examples=[(1, "y")])
+    a = AnswerTally(rows=2, zone_text_ok=1, agree=2, repeated=0, limit_known=2, hit_limit=1, malformed=1,
+                    examples=[(4, "x")])
+    b = AnswerTally(rows=1, zone_text_ok=1, agree=0, repeated=1, limit_known=0, hit_limit=0, malformed=1,
+                    examples=[(1, "y")])
     summed = AnswerTally.from_tensor(a.to_tensor() + b.to_tensor(), a.examples + b.examples)
     a.add(b)
     assert a == summed
     assert a.metrics() == {"answer_rows": 3, "zone_acc_text": 2 / 3, "agreement": 2 / 3, "hit_length_limit": 0.5,
-                           "repeated_words": 1 / 3, "examples": ["y", "x"]}
+                           "repeated_words": 1 / 3, "well_formed": 1 / 3, "examples": ["y", "x"]}
     assert AnswerTally().metrics()["zone_acc_text"] is None
 
 
@@ -148,11 +150,11 @@ def test_prsmed_tiny_answers_are_scored_and_cut_answers_are_counted(tmp_path, ti
     ds = RecordDataset(list(load_records(tmp_path / "d")), mask_size=model.contracts["vision_encoder"].input_size)
     batch = collate([ds[i] for i in range(len(ds))])
     full = score_answers(model, batch.images, batch.questions, batch.masks, batch.indices, max_new_tokens=48)
-    assert full.rows == full.limit_known == 4 and full.hit_limit == 0, full
+    assert full.rows == full.limit_known == 4 and full.hit_limit == 0 and full.malformed == 0, full
     assert full.zone_text_ok >= 3 and full.agree >= 3, full  # the shipped model names its zones
     assert [i for i, _ in full.examples] == [0, 1, 2]
     cut = score_answers(model, batch.images, batch.questions, batch.masks, batch.indices, max_new_tokens=1)
-    assert cut.metrics()["hit_length_limit"] == 1.0
+    assert cut.metrics()["hit_length_limit"] == 1.0 and cut.metrics()["well_formed"] == 0.0
 
 
 # --- the report --------------------------------------------------------------------------------------------------
@@ -232,6 +234,16 @@ def test_the_best_checkpoint_follows_the_combined_score_not_dice(tmp_path, data,
     for k in trained:
         torch.testing.assert_close(adapter[k.removeprefix("fusion_head.")], best[k], rtol=0, atol=0)
     assert json.loads((out / "summary.json").read_text())["report"] == report
+
+
+def test_the_best_checkpoint_prefers_whole_sentences_to_answers_that_run_on(tmp_path, data, monkeypatch):
+    # Step 2 names more zones right, but a third of its answers run to the length limit: step 4 is kept.
+    script_evaluations(monkeypatch, {0: (0.5, 0.5, 0.5), 2: (0.8, 0.8, 0.8, 1 / 3), 4: (0.75, 0.75, 0.75)})
+    result = run_training(config(data, tmp_path / "run", epochs=2), model=build_small())
+    report = result.report
+    assert report["best"]["step"] == 4 and report["best"]["score"] == pytest.approx(0.75)
+    assert report["last"]["well_formed"] == 1.0
+    assert "well-formed" in report["score_definition"]
 
 
 def test_early_stopping_follows_the_score(tmp_path, data, monkeypatch):

@@ -49,9 +49,10 @@ class AnswerTally:
     repeated: int = 0
     limit_known: int = 0  # rows whose answer's token count is known
     hit_limit: int = 0
+    malformed: int = 0  # rows whose answer repeats a word back to back or was cut at the limit (or both)
     examples: list[tuple[int, str]] = field(default_factory=list)  # (validation row index, answer)
 
-    COUNTS = ("rows", "zone_text_ok", "agree", "repeated", "limit_known", "hit_limit")
+    COUNTS = ("rows", "zone_text_ok", "agree", "repeated", "limit_known", "hit_limit", "malformed")
 
     def to_tensor(self) -> torch.Tensor:
         return torch.tensor([getattr(self, k) for k in self.COUNTS], dtype=torch.float64)
@@ -77,6 +78,7 @@ class AnswerTally:
             "agreement": share(self.agree, self.rows),
             "hit_length_limit": share(self.hit_limit, self.limit_known),
             "repeated_words": share(self.repeated, self.rows),
+            "well_formed": share(self.rows - self.malformed, self.rows),
             "examples": [answer for _, answer in self.examples],
         }
 
@@ -122,10 +124,12 @@ def score_answers(model, images, questions, masks: torch.Tensor, indices: Sequen
         tally.rows += 1
         tally.zone_text_ok += said == mask_zones(truth[i])
         tally.agree += said == mask_zones(predicted[i])
-        tally.repeated += repeats_a_word(answer)
+        repeats = repeats_a_word(answer)
+        tally.repeated += repeats
         if cut is not None:
             tally.limit_known += 1
             tally.hit_limit += cut[i]
+        tally.malformed += repeats or bool(cut is not None and cut[i])
         tally.examples.append((int(indices[i]), answer))
     tally.examples = sorted(tally.examples)[:EXAMPLES]
     return tally

@@ -10,9 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 # The score that picks the best checkpoint and drives early stopping. The three parts weigh the same: a run whose
-# masks improve while its answers collapse must not look better than the one it started from.
+# masks improve while its answers collapse must not look better than the one it started from. The mean is then
+# scaled by the share of well-formed answers (no word repeated back to back, not cut at the length limit): the zone
+# words can be right in an answer that runs on ("the left lower left lower left ..."), and a checkpoint writing such
+# answers beat one writing whole sentences when only the zones counted (bench/RESULTS.md).
 SCORE_PARTS = ("dice_at_05", "zone_acc_text", "agreement")
-SCORE_DEFINITION = "mean of dice@0.5, zone_acc_text and agreement (dice@0.5 alone when no answer was scored)"
+SCORE_DEFINITION = ("mean of dice@0.5, zone_acc_text and agreement, times the share of well-formed answers "
+                    "(dice@0.5 alone when no answer was scored)")
 
 # One evaluation in the report, and the metrics.jsonl eval line's name for each value.
 SCORE_KEYS = {
@@ -23,6 +27,7 @@ SCORE_KEYS = {
     "agreement": "val_agreement",
     "hit_length_limit": "val_hit_length_limit",
     "repeated_words": "val_repeated_words",
+    "well_formed": "val_well_formed",
     "loss_lm": "val_loss_lm",
     "rows": "val_rows",
     "answer_rows": "val_answer_rows",
@@ -37,13 +42,17 @@ TABLE = (
     ("agreement", "agreement", False),
     ("answers at length limit", "hit_length_limit", True),
     ("answers repeating a word", "repeated_words", True),
+    ("well-formed answers", "well_formed", True),
     ("LM loss", "loss_lm", False),
 )
 
 
 def combined_score(scores: dict[str, Any]) -> float | None:
     parts = [scores[k] for k in SCORE_PARTS if scores.get(k) is not None]
-    return float(sum(parts) / len(parts)) if parts else None
+    if not parts:
+        return None
+    well_formed = scores.get("well_formed")
+    return float(sum(parts) / len(parts) * (1.0 if well_formed is None else well_formed))
 
 
 def eval_line(scores: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +110,7 @@ def judge(before: dict | None, kept: dict | None, *, kept_name: str,
             warnings.append(f"{_pct(now)} of the answers in {where} {what}{was}: they may be degenerate")
 
     if worse_answers:
-        verdict = (f"worse than before training: the answers got worse ("
+        verdict = ("worse than before training: the answers got worse ("
                    + ", ".join(change(k, k) for k in worse_answers) + f") in {where}")
     elif masks_worse:
         verdict = (f"worse than before training: the masks got worse ({change('dice_at_05', 'dice@0.5')}) in "

@@ -120,6 +120,8 @@ class ValidationScores(_Model):
     agreement: float | None = Field(None, description="answers naming the predicted mask's zones")
     hit_length_limit: float | None = Field(None, description="answers cut at the generation length limit")
     repeated_words: float | None = Field(None, description="answers with a word repeated back to back")
+    well_formed: float | None = Field(None, description="answers neither repeating a word nor cut at the limit; "
+                                                        "the score is scaled by it")
     loss_lm: float | None = Field(None, description="LM loss of the reference answers")
     rows: int = Field(0, description="validation rows whose masks were scored")
     answer_rows: int = Field(0, description="validation rows whose generated answers were scored")
