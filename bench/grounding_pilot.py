@@ -78,10 +78,10 @@ def main() -> int:
     test += [r for r in load_records(args.no_lesion_test) if r.split == "test"]
     n_main = len(test)
     if args.two_lesion_test:  # the same set as bench/tiny_answers.py
-        if not (args.two_lesion_test / "annotations").is_dir():
-            synthesize(args.two_lesion_test, n=400, seed=97, size=cfg.image_size, modalities=("lung_CT",),
-                       two_lesion_fraction=1.0, split_fractions=(0.0, 0.0, 1.0))
-        test += [r for r in load_records(args.two_lesion_test) if r.split == "test"]
+        sys.path.insert(0, str(Path(__file__).parent))
+        from tiny_answers import two_lesion_rows
+
+        test += two_lesion_rows(args.two_lesion_test, size=cfg.image_size)
 
     spec = PRESETS["prsmed-tiny"].spec.model_copy(deep=True)
     spec.lora = None

@@ -115,10 +115,10 @@ def main() -> None:
         batching = start_server(Path(tmp) / "batching", env=env)
         single = start_server(Path(tmp) / "single", env={**env, "PRSMED_SERVE_MAX_BATCH_SIZE": "1"}, )
         try:
-            def rest(url, fields=None):
+            def rest(url):
                 def call(d):
-                    r = httpx.post(url + "/v1/predict", files={"image": ("s.png", d)},
-                                   data={"question": question, **(fields or {})}, timeout=120)
+                    r = httpx.post(url + "/v1/predict", files={"image": ("s.png", d)}, data={"question": question},
+                                   timeout=120)
                     r.raise_for_status()
                 return call
 

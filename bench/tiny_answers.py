@@ -26,6 +26,18 @@ from pathlib import Path
 MAX_NEW_TOKENS = 48
 
 
+def two_lesion_rows(folder: Path, n: int = 400, size: int = 256) -> list:
+    """The test rows of the fresh two-nodule lung CT set (seed 97, every row held out), written if missing; the
+    same set for this bench and bench/grounding_pilot.py."""
+    from prsmed.data.layout import load_records
+    from prsmed.data.synth import synthesize
+
+    if not (folder / "annotations").is_dir():
+        synthesize(folder, n=n, seed=97, size=size, modalities=("lung_CT",), two_lesion_fraction=1.0,
+                   split_fractions=(0.0, 0.0, 1.0))
+    return [r for r in load_records(folder) if r.split == "test"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test", type=Path, default=Path("runs/fresh-test"))
@@ -52,11 +64,7 @@ def main() -> int:
     rows += [r for r in load_records(args.no_lesion_test) if r.split == "test"]
     n_main = len(rows)
     if args.two_lesion_test:
-        two_dir = Path(args.two_lesion_test)
-        if not (two_dir / "annotations").is_dir():
-            synthesize(two_dir, n=args.n_two_lesion, seed=97, size=256, modalities=("lung_CT",),
-                       two_lesion_fraction=1.0, split_fractions=(0.0, 0.0, 1.0))
-        rows += [r for r in load_records(two_dir) if r.split == "test"]
+        rows += two_lesion_rows(Path(args.two_lesion_test), args.n_two_lesion)
     model = build_model("prsmed-tiny")
     if args.adapter:
         load_bundle(args.adapter, model)

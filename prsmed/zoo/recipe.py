@@ -445,7 +445,8 @@ def build_tiny(work_dir: str | Path, cfg: RecipeConfig | None = None, *, assets_
     t_tower = time.monotonic() - t0
     # Each record's lesions, from its mask read once; stages 2 and 3 both use them.
     ground = grounding_rows(work_dir, train_rows, cfg)
-    lesions = {r.mask_path: lesions_of(r) for r in train_rows + ground}
+    unique = {r.mask_path: r for r in [*train_rows, *ground]}  # ground repeats the training split's rows
+    lesions = {path: lesions_of(r) for path, r in unique.items()}
     grounding = train_grounding(model, ground, lesions, cfg, [r for r in train_rows if r.split == "train"])
     # The answers are final here (the joint stage freezes the LLM): kept for pilots of fine-tuning
     # (bench/finetune_unseen.py --base-llm) while the joint stage runs.
